@@ -1,0 +1,37 @@
+"""Load a Hugging Face causal LM with quantization applied while the weights stream in.
+
+    from pipeline import load
+    model, record = load(["model=tiny_llama", "quant=nf4"])
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(overrides: list[str] | None = None):
+    """The composed config for these overrides, as `python -m pipeline` would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline import schema
+
+    schema.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+def load(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> tuple[Any, dict]:
+    """Run the pipeline from Python: returns the loaded model and its run record (also written to run_dir)."""
+    from pipeline.runner import run
+
+    cfg = compose(overrides)
+    if run_dir is None:
+        run_dir = Path("runs") / "api" / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S") + f"-{time.time_ns() % 10**6}"
+    return run(cfg, Path(run_dir))

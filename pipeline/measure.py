@@ -1,0 +1,92 @@
+"""One context manager that measures a block of work: wall and CPU time, peak and final RSS, GPU peaks.
+
+Peak RSS comes from a sampling thread (psutil, every few milliseconds) rather than `ru_maxrss`, which
+never goes down inside a process and so cannot tell one stage's peak from an earlier one's. The sampler
+also reads `ru_maxrss`, which the kernel keeps exactly: when it rises during the block, the kernel saw a
+peak the sampler may have missed between two samples, and that figure wins.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+
+SAMPLE_S = 0.005
+
+
+@dataclass
+class Metrics:
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    rss_start_mb: float = 0.0
+    rss_peak_mb: float = 0.0
+    rss_end_mb: float = 0.0
+    # per CUDA device index, reset at the start of the block; empty without a GPU
+    cuda_max_allocated_mb: dict[str, float] = field(default_factory=dict)
+    cuda_max_reserved_mb: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mb(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+def ru_maxrss_bytes() -> int:
+    """The process's peak RSS so far, as the kernel keeps it (KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Sampler(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(SAMPLE_S):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def stop(self) -> int:
+        self.stop_event.set()
+        self.join()
+        return max(self.peak, self.proc.memory_info().rss)
+
+
+@contextmanager
+def track() -> Iterator[Metrics]:
+    """Measure the enclosed block; the yielded Metrics is filled in when the block ends (also on error)."""
+    m = Metrics()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+    maxrss_before = ru_maxrss_bytes()
+    sampler = _Sampler()
+    m.rss_start_mb = _mb(sampler.peak)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    sampler.start()
+    try:
+        yield m
+    finally:
+        peak = sampler.stop()
+        m.wall_s = round(time.perf_counter() - wall0, 4)
+        m.cpu_s = round(time.process_time() - cpu0, 4)
+        maxrss_after = ru_maxrss_bytes()
+        if maxrss_after > maxrss_before:  # a new process-wide peak was set inside this block
+            peak = max(peak, maxrss_after)
+        m.rss_peak_mb = _mb(peak)
+        m.rss_end_mb = _mb(psutil.Process().memory_info().rss)
+        if cuda:
+            for i in range(torch.cuda.device_count()):
+                m.cuda_max_allocated_mb[str(i)] = _mb(torch.cuda.max_memory_allocated(i))
+                m.cuda_max_reserved_mb[str(i)] = _mb(torch.cuda.max_memory_reserved(i))

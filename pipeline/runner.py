@@ -1,0 +1,82 @@
+"""The runner: build the seven stages from the config, run them in order, measure each, record the run."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import record
+from pipeline.context import LoadContext
+from pipeline.measure import ru_maxrss_bytes, track
+from pipeline.schema import STAGE_KINDS
+from stages.base import Stage
+
+
+class StageError(RuntimeError):
+    """A stage failed; the run record says which and why."""
+
+    def __init__(self, stage: str, error: BaseException) -> None:
+        super().__init__(f"stage {stage} failed: {type(error).__name__}: {error}")
+        self.stage, self.error = stage, error
+
+
+def build_stage(kind: str, node: DictConfig) -> Stage:
+    """Instantiate a stage class named by `_target_`, refusing anything outside the `stages` package."""
+    target = str(node.get("_target_", ""))
+    if not target.startswith("stages.") or "__" in target:
+        raise ValueError(
+            f"stages.{kind}._target_={target!r}: only stage classes from this project's `stages` package may "
+            f"be selected (e.g. stages.{kind}.<Class>); choose an option of conf/stages/{kind}/"
+        )
+    stage = instantiate(node)
+    if not isinstance(stage, Stage):
+        raise ValueError(f"stages.{kind}._target_={target!r} is not a Stage")
+    return stage
+
+
+def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
+    """Load the model `cfg` describes; write `stages.jsonl` and `run.json` into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rec: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": []}
+    ctx: LoadContext | None = None
+    failure: BaseException | None = None
+    kind = "config"
+    with track() as total:
+        try:
+            ctx = LoadContext(cfg=OmegaConf.to_object(cfg))  # runs the schemas' cross-field checks
+            stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
+            for kind, stage in stages.items():
+                entry = {"stage": kind, "target": cfg.stages[kind]._target_, "status": "failed"}
+                try:
+                    with track() as m:
+                        ctx.facts[kind] = stage(ctx) or {}
+                    entry["status"] = "ok"
+                finally:
+                    entry.update(metrics=m.to_dict(), facts=ctx.facts.get(kind, {}))
+                    rec["stages"].append(entry)
+                    record.append_jsonl(out_dir / "stages.jsonl", entry)
+            rec["status"] = "ok"
+        except KeyboardInterrupt:
+            rec.update(status="interrupted", failed_stage=kind)
+        except Exception as err:  # recorded, then raised as a StageError below
+            failure = err
+            rec.update(status="failed", failed_stage=kind, error=f"{type(err).__name__}: {err}",
+                       traceback=traceback.format_exc(limit=8))
+    rec["total"] = total.to_dict() | {"ru_maxrss_mb": round(ru_maxrss_bytes() / 2**20, 1)}
+    rec["footprint_bytes"] = ctx.facts.get("postprocess", {}).get("footprint_bytes") if ctx else None
+    rec["checkpoint"] = ctx.facts.get("config_merge", {}).get("checkpoint") if ctx else None
+    rec.update(git=record.git_state(), host=record.host(), config=OmegaConf.to_container(cfg, resolve=True))
+    rec["versions"] = ctx.facts.get("env_check", {}).get("versions") if ctx else None
+    record.write_json_atomic(out_dir / "run.json", rec)
+    print(record.format_table(rec["stages"], rec["total"]))
+    if rec["status"] == "interrupted":
+        raise KeyboardInterrupt
+    if rec["status"] != "ok":
+        raise StageError(rec["failed_stage"], failure)
+    return ctx.model, rec
+

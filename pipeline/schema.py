@@ -1,0 +1,175 @@
+"""Structured configs: the schema every YAML file in `conf/` is checked against at compose time.
+
+Each YAML option names its group's schema in its `defaults:` list, so a misspelled key or a value outside
+an enum fails when Hydra composes the config, before any weight is read, with the allowed values in the
+message. Cross-field checks live in `__post_init__`, which `OmegaConf.to_object` runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Source(str, Enum):
+    hub = "hub"
+    local = "local"
+    synthetic = "synthetic"
+
+
+class DtypeName(str, Enum):
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+    auto = "auto"
+
+
+class QuantMethod(str, Enum):
+    none = "none"
+    bnb_4bit = "bnb_4bit"
+    bnb_8bit = "bnb_8bit"
+
+
+class QuantType(str, Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class Policy(str, Enum):
+    auto = "auto"
+    balanced = "balanced"
+    balanced_low_0 = "balanced_low_0"
+    sequential = "sequential"
+    cpu = "cpu"
+    explicit = "explicit"
+
+
+@dataclass
+class SyntheticConfig:
+    """How a `source: synthetic` checkpoint is materialized: seeded random weights, real layout."""
+
+    seed: int = 0
+    dtype: DtypeName = DtypeName.fp16
+    shard_size: str = "10GB"
+    init_std: float = 0.02
+
+
+@dataclass
+class ModelConfig:
+    """A model: where its weights come from and, for synthetic or planned loads, its architecture."""
+
+    name: str = MISSING
+    source: Source = Source.hub
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    path: Optional[str] = None
+    trust_remote_code: bool = False
+    architecture: dict[str, Any] = field(default_factory=dict)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.source == Source.hub and not self.hub_id and not self.path:
+            raise ValueError(f"model.hub_id: model {self.name!r} has source=hub but no hub_id; set one, or model.path=DIR")
+        if self.source == Source.local and not self.path:
+            raise ValueError(f"model.path: model {self.name!r} has source=local but no path; pass model.path=DIR")
+        if self.source == Source.synthetic and not self.path and not self.architecture.get("model_type"):
+            raise ValueError(
+                f"model.architecture.model_type: synthetic model {self.name!r} needs an architecture with a "
+                "model_type (e.g. llama, mistral, qwen2)"
+            )
+
+
+@dataclass
+class QuantConfig:
+    """A quantization setting; bitsandbytes keys keep the names of transformers' `BitsAndBytesConfig`."""
+
+    name: str = MISSING
+    method: QuantMethod = QuantMethod.none
+    bnb_4bit_quant_type: QuantType = QuantType.nf4
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_compute_dtype: DtypeName = DtypeName.auto
+    llm_int8_threshold: float = 6.0
+    llm_int8_has_fp16_weight: bool = False
+    llm_int8_skip_modules: Optional[list[str]] = None
+    llm_int8_enable_fp32_cpu_offload: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method == QuantMethod.bnb_8bit and self.bnb_4bit_use_double_quant:
+            raise ValueError(
+                "quant.bnb_4bit_use_double_quant=true contradicts quant.method=bnb_8bit: double quantization is "
+                "a 4-bit setting; use quant=nf4_double or fp4_double, or drop the key"
+            )
+        if self.llm_int8_threshold < 0:
+            raise ValueError(f"quant.llm_int8_threshold must be >= 0, got {self.llm_int8_threshold}")
+
+
+@dataclass
+class DeviceMapConfig:
+    """Where each module goes: an accelerate policy, `cpu`, or an explicit map; optional per-device budget."""
+
+    policy: Policy = Policy.auto
+    map: Optional[dict[str, Any]] = None
+    max_memory: Optional[dict[str, str]] = None
+    offload_folder: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.policy == Policy.explicit and not self.map:
+            raise ValueError(
+                "device_map.map: policy=explicit needs a map, e.g. device_map.map='{model.embed_tokens: 0, "
+                "model.layers: 0, lm_head: cpu}'"
+            )
+        if self.policy != Policy.explicit and self.map:
+            raise ValueError(f"device_map.map is only read with policy=explicit, not policy={self.policy.value}")
+
+
+@dataclass
+class DtypeConfig:
+    """The dtype of the layers that stay unquantized (embeddings, norms, lm_head)."""
+
+    name: DtypeName = DtypeName.auto
+
+
+@dataclass
+class StageConfig:
+    """Base of every stage's config: `_target_` names the stage class (it must live in `stages`)."""
+
+    _target_: str = MISSING
+
+
+@dataclass
+class StreamConfig(StageConfig):
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    device_map: DeviceMapConfig = MISSING
+    dtype: DtypeConfig = MISSING
+    stages: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str = MISSING
+    prompt: Optional[str] = None
+    max_new_tokens: int = 8
+
+
+STAGE_KINDS = ("config_merge", "quantizer", "env_check", "preprocess", "device_map", "stream", "postprocess")
+
+
+def register() -> None:
+    """Register each schema in its group; the YAML options name them as `<group>/schema` in `defaults:`."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("quant", QuantConfig),
+        ("device_map", DeviceMapConfig),
+        ("dtype", DtypeConfig),
+    ):
+        cs.store(group=group, name="schema", node=node)
+    for kind in STAGE_KINDS:
+        cs.store(group=f"stages/{kind}", name="schema", node=StreamConfig if kind == "stream" else StageConfig)

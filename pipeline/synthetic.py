@@ -1,0 +1,128 @@
+"""Seeded random-weight checkpoints of a real architecture, in the standard Hugging Face sharded layout.
+
+Nothing can be downloaded from a model hub here, so `source: synthetic` builds the checkpoint a model
+config describes: config.json, `model-0000k-of-0000n.safetensors` shards split like `save_pretrained`
+splits them, and `model.safetensors.index.json`. Shards are written tensor by tensor straight into the
+safetensors format, so memory stays at one tensor whatever the model's size. The folder is written under
+a temporary name and renamed when complete: a process killed half-way never leaves something that looks
+like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import convert_file_size_to_int
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pipeline.dtypes import SAFETENSORS_DTYPE, torch_dtype
+
+FORMAT_VERSION = 1
+
+
+def parse_size(value: str | int, key: str) -> int:
+    """'10GB' -> bytes; the error names the key and the accepted forms."""
+    try:
+        return convert_file_size_to_int(value)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"{key}={value!r} is not a size; use bytes or a number with a unit: 500MB, 10GB, 20GiB"
+        ) from None
+
+
+def _fill(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float) -> torch.Tensor:
+    if len(shape) == 1 and name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(dtype)
+
+
+def tensor_plan(config: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor a checkpoint of this architecture stores, in state-dict order."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = set(model.all_tied_weights_keys) if config.tie_word_embeddings else set()
+    return [(k, tuple(v.shape)) for k, v in model.state_dict().items() if k not in tied]
+
+
+def _split(plan: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int) -> list[list]:
+    """Greedy split in order, as `save_pretrained` does: a new shard when the next tensor would overflow."""
+    shards: list[list] = [[]]
+    size = 0
+    for name, shape in plan:
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
+def _write_shard(path: Path, tensors: list, dtype: torch.dtype, seed: int, std: float) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for name, shape in tensors:
+        n = itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in tensors:
+            f.write(_fill(name, shape, dtype, seed, std).contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def checkpoint_key(architecture: dict, synthetic: dict) -> str:
+    blob = json.dumps({"v": FORMAT_VERSION, "arch": architecture, "syn": synthetic}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def materialize(name: str, architecture: dict, synthetic: dict, cache_dir: Path) -> Path:
+    """The checkpoint folder for this architecture and seed, built on first use and reused after."""
+    target = Path(cache_dir).expanduser() / "synthetic" / f"{name}-{checkpoint_key(architecture, synthetic)}"
+    if (target / "config.json").exists():
+        return target
+    dtype = torch_dtype(synthetic["dtype"], key="model.synthetic.dtype")
+    max_bytes = parse_size(synthetic["shard_size"], "model.synthetic.shard_size")
+    config = AutoConfig.for_model(**architecture)
+    config.dtype = dtype
+    plan = tensor_plan(config)
+    shards = _split(plan, torch.empty((), dtype=dtype).element_size(), max_bytes)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        weight_map, total = {}, 0
+        n = len(shards)
+        for i, tensors in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+            _write_shard(partial / fname, tensors, dtype, synthetic["seed"], synthetic["init_std"])
+            for tname, shape in tensors:
+                weight_map[tname] = fname
+                total += torch.empty((), dtype=dtype).element_size() * int(torch.Size(shape).numel())
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config.save_pretrained(partial)
+        try:
+            partial.rename(target)
+        except OSError:  # another process finished the same checkpoint first: theirs is as good
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target

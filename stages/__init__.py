@@ -1,0 +1,1 @@
+"""The seven stage kinds of a load, one module each; `conf/stages/<kind>/` chooses the implementation."""

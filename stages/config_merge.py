@@ -1,0 +1,96 @@
+"""Stage 1: find the checkpoint, read its config, and merge the requested quantization with a saved one."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from transformers import AutoConfig, BitsAndBytesConfig
+from transformers.quantizers.auto import AutoHfQuantizer
+
+from pipeline import checkpoint
+from pipeline.context import LoadContext
+from pipeline.dtypes import torch_dtype
+from pipeline.schema import DtypeName, QuantConfig, QuantMethod
+from stages.base import Stage
+
+
+def requested_quantization(quant: QuantConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The `BitsAndBytesConfig` a quant group asks for (None for quant=none)."""
+    if quant.method == QuantMethod.none:
+        return None
+    compute = dtype if quant.bnb_4bit_compute_dtype == DtypeName.auto else torch_dtype(
+        quant.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype"
+    )
+    return BitsAndBytesConfig(
+        load_in_4bit=quant.method == QuantMethod.bnb_4bit,
+        load_in_8bit=quant.method == QuantMethod.bnb_8bit,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type.value,
+        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+        llm_int8_threshold=quant.llm_int8_threshold,
+        llm_int8_has_fp16_weight=quant.llm_int8_has_fp16_weight,
+        llm_int8_skip_modules=list(quant.llm_int8_skip_modules) if quant.llm_int8_skip_modules else None,
+        llm_int8_enable_fp32_cpu_offload=quant.llm_int8_enable_fp32_cpu_offload,
+    )
+
+
+def _differences(requested: Any, merged: Any) -> dict[str, Any]:
+    """Requested settings the merged config does not carry: what the checkpoint's own config overrode."""
+    if requested is None:
+        return {}
+    want, got = requested.to_dict(), merged.to_dict()
+    return {k: {"requested": v, "used": got.get(k)} for k, v in want.items() if got.get(k) != v}
+
+
+class ConfigMerge(Stage):
+    kind = "config_merge"
+
+    def __call__(self, ctx: LoadContext) -> dict[str, Any]:
+        cfg = ctx.cfg
+        path = checkpoint.locate(cfg.model, cfg.cache_dir)
+        ctx.checkpoint = checkpoint.scan(path)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        except (ValueError, KeyError) as err:
+            raise checkpoint.CheckpointError(f"{path / 'config.json'}: {err}") from None
+        ctx.model_config = config
+
+        if cfg.dtype.name == DtypeName.auto:
+            saved = getattr(config, "dtype", None)
+            ctx.dtype = saved if isinstance(saved, torch.dtype) else torch_dtype(saved or "fp32", "config.json dtype")
+        else:
+            ctx.dtype = torch_dtype(cfg.dtype.name, "dtype")
+
+        requested = requested_quantization(cfg.quant, ctx.dtype)
+        saved_q = getattr(config, "quantization_config", None)
+        facts: dict[str, Any] = {"checkpoint": ctx.checkpoint.to_record(), "dtype": str(ctx.dtype).removeprefix("torch.")}
+        if saved_q is not None and AutoHfQuantizer.supports_quant_method(
+            saved_q if isinstance(saved_q, dict) else saved_q.to_dict()
+        ):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # we record what was ignored instead of warning about it
+                merged = AutoHfQuantizer.merge_quantization_configs(saved_q, requested)
+            ctx.pre_quantized = True
+            facts["quantization_from"] = "checkpoint"
+            facts["ignored_request"] = _differences(requested, merged)
+        else:
+            merged = requested
+            facts["quantization_from"] = "request" if requested is not None else "none"
+        ctx.quantization_config = merged
+        if merged is not None:
+            config.quantization_config = merged
+        facts["quantization_config"] = merged.to_dict() if merged is not None else None
+        facts["architecture_from_checkpoint"] = _arch_overrides(cfg.model.architecture, config)
+        facts["trust_remote_code"] = cfg.model.trust_remote_code
+        return facts
+
+
+def _arch_overrides(yaml_arch: dict, config: Any) -> dict[str, Any]:
+    """Keys where the checkpoint's config.json differs from the model YAML (config.json wins)."""
+    return {
+        k: {"yaml": v, "config.json": getattr(config, k)}
+        for k, v in yaml_arch.items()
+        if hasattr(config, k) and getattr(config, k) != v and k != "model_type"
+    }

@@ -1,0 +1,62 @@
+"""Stage 3: is this load possible here? Library versions, devices, the backend, the requested map."""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+from transformers.integrations.accelerate import check_and_set_device_map
+
+from pipeline.context import LoadContext
+from pipeline.schema import DeviceMapConfig, Policy
+from stages.base import Stage
+
+PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "hydra-core")
+
+
+def package_versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def requested_map(dm: DeviceMapConfig) -> str | dict[str, Any]:
+    """The device map as the user asked for it: a policy name for accelerate, or a module -> device dict."""
+    if dm.policy == Policy.cpu:
+        return {"": "cpu"}
+    if dm.policy == Policy.explicit:
+        return {str(k): v for k, v in dict(dm.map).items()}
+    return dm.policy.value
+
+
+def devices() -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"cuda": False, "gpus": [], "note": "no GPU: every module goes to the CPU"}
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"cuda": True, "gpus": gpus, "cuda_version": torch.version.cuda}
+
+
+class EnvCheck(Stage):
+    kind = "env_check"
+
+    def __call__(self, ctx: LoadContext) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "versions": package_versions(),
+            "python": platform.python_version(),
+            "devices": devices(),
+        }
+        requested = check_and_set_device_map(requested_map(ctx.cfg.device_map))
+        if ctx.quantizer is not None:
+            # raises with transformers' own message when bitsandbytes or its backend for this device is missing
+            ctx.quantizer.validate_environment(device_map=requested, weights_only=True)
+            requested = ctx.quantizer.update_device_map(requested)
+            facts["bnb_backend"] = "cuda" if torch.cuda.is_available() else "cpu"
+        ctx.requested_device_map = requested
+        facts["requested_device_map"] = requested
+        return facts

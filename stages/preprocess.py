@@ -1,0 +1,63 @@
+"""Stage 4: the model skeleton on the meta device, its linear layers swapped for quantized placeholders.
+
+No weight memory is allocated here: every parameter stays on `meta` until the stream stage fills it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.auto_factory import _get_model_class
+from transformers.utils.generic import ContextManagers
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.context import LoadContext
+from stages.base import Stage
+
+
+def causal_lm_class(config: Any, trust_remote_code: bool) -> type:
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], config.name_or_path)
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(config) not in mapping:
+        known = sorted({c.model_type for c in mapping.keys()})[:12]
+        raise CheckpointError(
+            f"config.json model_type={config.model_type!r} has no causal-LM class in transformers "
+            f"(known include {', '.join(known)}, ...); set model.trust_remote_code=true if the repo ships its own code"
+        )
+    return _get_model_class(config, mapping)
+
+
+class MetaSkeleton(Stage):
+    kind = "preprocess"
+
+    def __call__(self, ctx: LoadContext) -> dict[str, Any]:
+        config = copy.deepcopy(ctx.require("model_config", self.kind))
+        config.name_or_path = str(ctx.require("checkpoint", self.kind).path)
+        cls = causal_lm_class(config, ctx.cfg.model.trust_remote_code)
+        with ContextManagers(cls.get_init_context(ctx.dtype, ctx.quantizer is not None, False, None)):
+            model = cls(config)
+            if ctx.quantizer is not None:
+                ctx.quantizer.preprocess_model(
+                    model=model,
+                    dtype=ctx.dtype,
+                    device_map=ctx.requested_device_map,
+                    checkpoint_files=[str(f) for f in ctx.checkpoint.files],
+                    use_kernels=False,
+                )
+        ctx.model = model
+        params = list(model.parameters())
+        allocated = sum(p.numel() * p.element_size() for p in params if p.device.type != "meta")
+        quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("bitsandbytes")})
+        return {
+            "model_class": cls.__name__,
+            "parameters": sum(p.numel() for p in params),
+            "weight_bytes_allocated": allocated,
+            "quantized_module_types": quantized,
+            "not_converted": sorted(getattr(ctx.quantizer, "modules_to_not_convert", []) or []),
+        }
