@@ -1,0 +1,60 @@
+"""`python -m pipeline` as a user runs it: exit status, the printed table, and RSS against the kernel's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from pipeline.schema import STAGE_KINDS
+from tests.conftest import REPO
+
+
+def cli(tmp_path, cache_dir, *overrides: str) -> tuple[int, str, dict, object]:
+    """Run the CLI in a child process; return exit code, output, run.json and the child's rusage."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pipeline", f"hydra.run.dir={run_dir}", f"cache_dir={cache_dir}", *overrides]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    return proc.returncode, out, record, rusage
+
+
+def test_default_run_prints_all_stages_and_matches_outside_rss(tmp_path, cache_dir):
+    code, out, record, rusage = cli(tmp_path, cache_dir)
+    assert code == 0, out
+    table = out[out.index("stage "):]
+    for kind in STAGE_KINDS:
+        assert f"\n{kind} " in table
+    assert "\ntotal " in table
+    outside_mb = rusage.ru_maxrss / 1024  # KiB on Linux, what /usr/bin/time -v reports as max RSS
+    ours = max(s["metrics"]["rss_peak_mb"] for s in record["stages"])
+    assert abs(ours - outside_mb) <= 0.10 * outside_mb, (ours, outside_mb)
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").exists()
+
+
+def test_prompt_generates_after_loading(tmp_path, cache_dir):
+    code, out, record, _ = cli(tmp_path, cache_dir, "prompt=hello", "max_new_tokens=4")
+    assert code == 0, out
+    assert "generated ids: [" in out
+    assert len(out.split("generated ids: [")[1].split("]")[0].split(",")) == 4
+
+
+def test_failure_exits_non_zero_with_the_message(tmp_path, cache_dir):
+    code, out, record, _ = cli(tmp_path, cache_dir, "model=llama2_7b")
+    assert code == 1
+    assert "error: stage config_merge failed" in out and "model.source=synthetic" in out
+    assert record["status"] == "failed"
+
+
+def test_python_api_returns_model_and_record(tmp_path, cache_dir):
+    from pipeline import load
+
+    model, record = load([f"cache_dir={cache_dir}", "quant=fp4"], run_dir=tmp_path / "api")
+    assert record["status"] == "ok" and model.is_loaded_in_4bit
+    assert json.loads((tmp_path / "api" / "run.json").read_text())["status"] == "ok"

@@ -1,0 +1,80 @@
+"""Every option of every config group composes; bad values fail at compose time naming the valid ones."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from pipeline import compose
+from pipeline.runner import build_stage
+from pipeline.schema import STAGE_KINDS
+from tests.conftest import REPO
+
+CONF = REPO / "conf"
+GROUPS = ["model", "quant", "device_map", "dtype"] + [f"stages/{k}" for k in STAGE_KINDS]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def test_every_stage_kind_has_a_config_group_and_a_module():
+    for kind in STAGE_KINDS:
+        assert list((CONF / "stages" / kind).glob("*.yaml")), kind
+        assert (REPO / "stages" / f"{kind}.py").exists() or (REPO / "stages" / kind).is_dir(), kind
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_validates(group, option):
+    cfg = compose([f"{group}={option}"])
+    typed = OmegaConf.to_object(cfg)  # the schemas' __post_init__ checks run here
+    if group.startswith("stages/"):
+        kind = group.split("/")[1]
+        assert build_stage(kind, cfg.stages[kind]).kind == kind
+    else:
+        assert getattr(typed, group) is not None
+
+
+def test_quant_variants_build_on_a_sibling():
+    nf4, double = compose(["quant=nf4"]).quant, compose(["quant=nf4_double"]).quant
+    assert double.bnb_4bit_use_double_quant and not nf4.bnb_4bit_use_double_quant
+    assert {k: v for k, v in double.items() if k not in ("name", "bnb_4bit_use_double_quant")} == {
+        k: v for k, v in nf4.items() if k not in ("name", "bnb_4bit_use_double_quant")
+    }
+    assert compose(["quant=fp4_double"]).quant.bnb_4bit_quant_type == "fp4"
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("quant.bnb_4bit_quant_type=nf5", "expected one of [nf4, fp4]"),
+        ("quant.method=bnb_3bit", "expected one of [none, bnb_4bit, bnb_8bit]"),
+        ("dtype.name=fp8", "expected one of [fp16, bf16, fp32, auto]"),
+        ("device_map.policy=everywhere", "expected one of [auto, balanced, balanced_low_0, sequential, cpu, explicit]"),
+        ("model.sourec=synthetic", "Key 'sourec' not in 'ModelConfig'"),
+        ("dtype=fp8", "Could not find 'dtype/fp8'"),
+    ],
+)
+def test_bad_values_fail_at_compose_time_naming_valid_ones(override, expected):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose([override])
+    text = str(err.value) + str(err.value.__cause__)
+    assert expected in text
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["quant=int8", "quant.bnb_4bit_use_double_quant=true"], "contradicts quant.method=bnb_8bit"),
+        (["device_map=explicit", "device_map.map=null"], "policy=explicit needs a map"),
+        (["model=llama2_7b", "model.hub_id=null"], "model.hub_id"),
+    ],
+)
+def test_contradictions_rejected_before_any_work(overrides, expected):
+    with pytest.raises(ValueError, match=expected):
+        OmegaConf.to_object(compose(overrides))
+
+
+@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "pipeline.runner.run", "stages.__builtins__"])
+def test_only_project_stage_classes_are_instantiated(target):
+    cfg = compose([f"stages.stream._target_={target}"])
+    with pytest.raises(ValueError, match="only stage classes from this project"):
+        build_stage("stream", cfg.stages.stream)

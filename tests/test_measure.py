@@ -1,0 +1,52 @@
+"""The measuring context manager sees peaks that `ru_maxrss` cannot, and agrees with the kernel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def run_py(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True).stdout
+
+
+def test_sampler_sees_a_transient_peak_below_an_earlier_high_water_mark():
+    # ru_maxrss is already 600 MB when the block starts, so only the sampler can see the block's 300 MB peak
+    out = run_py(
+        """
+        import time, torch
+        from pipeline.measure import track
+        big = torch.ones(600 * 2**20, dtype=torch.uint8); del big
+        with track() as m:
+            t = torch.ones(300 * 2**20, dtype=torch.uint8); time.sleep(0.05); del t
+        print(m.rss_peak_mb - m.rss_start_mb, m.rss_end_mb - m.rss_start_mb, m.wall_s, m.cpu_s)
+        """
+    )
+    rise, end_rise, wall, cpu = map(float, out.split())
+    assert 280 <= rise <= 340
+    assert end_rise < 50
+    assert wall >= 0.05 and cpu > 0
+
+
+def test_cpu_time_counts_every_thread():
+    # CPU time spent in worker threads, as each thread itself counts it, must show up in the block's cpu_s
+    out = run_py(
+        """
+        import hashlib, threading, time
+        from pipeline.measure import track
+        data, spent = bytes(64 * 2**20), []
+        def work():
+            t0 = time.thread_time()
+            for _ in range(4):
+                hashlib.sha256(data).digest()
+            spent.append(time.thread_time() - t0)
+        with track() as m:
+            threads = [threading.Thread(target=work) for _ in range(2)]
+            [t.start() for t in threads]; [t.join() for t in threads]
+        print(m.cpu_s, sum(spent))
+        """
+    )
+    cpu, threads = map(float, out.split())
+    assert threads > 0.1
+    assert cpu >= 0.95 * threads
