@@ -1,7 +1,7 @@
 """Load a Hugging Face causal LM with quantization applied while the weights stream in.
 
-    from pipeline import load
-    model, record = load(["model=tiny_llama", "quant=nf4"])
+from pipeline import load
+model, record = load(["model=tiny_llama", "quant=nf4"])
 """
 
 from __future__ import annotations
@@ -33,5 +33,7 @@ def load(overrides: list[str] | None = None, run_dir: str | Path | None = None) 
 
     cfg = compose(overrides)
     if run_dir is None:
-        run_dir = Path("runs") / "api" / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S") + f"-{time.time_ns() % 10**6}"
+        run_dir = (
+            Path("runs") / "api" / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S") + f"-{time.time_ns() % 10**6}"
+        )
     return run(cfg, Path(run_dir))

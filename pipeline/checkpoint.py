@@ -47,7 +47,9 @@ def locate(model: ModelConfig, cache_dir: str) -> Path:
     if model.path:
         path = Path(model.path).expanduser()
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"model.path={model.path}: no config.json there; point it at a Hugging Face model folder")
+            raise CheckpointError(
+                f"model.path={model.path}: no config.json there; point it at a Hugging Face model folder"
+            )
         return path
     if model.source == Source.synthetic:
         return synthetic.materialize(

@@ -20,7 +20,7 @@ def generate(model, prompt: str, max_new_tokens: int) -> str:
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     with torch.no_grad():
         out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    new = out[0, ids.shape[1]:]
+    new = out[0, ids.shape[1] :]
     if tok:
         return prompt + tok.decode(new, skip_special_tokens=True)
     return f"(no tokenizer in {path}: prompt bytes used as token ids) generated ids: {new.tolist()}"

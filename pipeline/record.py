@@ -52,11 +52,18 @@ def git_state(repo: Path = REPO) -> dict[str, Any]:
     """The commit of the config repo and whether it had uncommitted changes (None outside a git checkout)."""
     try:
         commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         return {"commit": commit, "dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
@@ -81,15 +88,37 @@ def format_table(stages: list[dict], total: dict) -> str:
     rows = []
     for s in stages:
         m = s["metrics"]
-        row = [s["stage"], s["target"].rsplit(".", 1)[-1], s["status"], f"{m['wall_s']:.3f}", f"{m['cpu_s']:.3f}",
-               f"{m['rss_peak_mb']:.0f}", f"{m['rss_end_mb']:.0f}"]
+        row = [
+            s["stage"],
+            s["target"].rsplit(".", 1)[-1],
+            s["status"],
+            f"{m['wall_s']:.3f}",
+            f"{m['cpu_s']:.3f}",
+            f"{m['rss_peak_mb']:.0f}",
+            f"{m['rss_end_mb']:.0f}",
+        ]
         if has_gpu:
             row.append(f"{max(m['cuda_max_allocated_mb'].values(), default=0):.0f}")
         rows.append(row)
     t = total
-    rows.append(["total", "", "", f"{t['wall_s']:.3f}", f"{t['cpu_s']:.3f}", f"{t['rss_peak_mb']:.0f}",
-                 f"{t['rss_end_mb']:.0f}"] + ([""] if has_gpu else []))
+    rows.append(
+        [
+            "total",
+            "",
+            "",
+            f"{t['wall_s']:.3f}",
+            f"{t['cpu_s']:.3f}",
+            f"{t['rss_peak_mb']:.0f}",
+            f"{t['rss_end_mb']:.0f}",
+        ]
+        + ([""] if has_gpu else [])
+    )
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r: list) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head), sep, *[line(r) for r in rows[:-1]], sep, line(rows[-1])])

@@ -65,8 +65,12 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
             rec.update(status="interrupted", failed_stage=kind)
         except Exception as err:  # recorded, then raised as a StageError below
             failure = err
-            rec.update(status="failed", failed_stage=kind, error=f"{type(err).__name__}: {err}",
-                       traceback=traceback.format_exc(limit=8))
+            rec.update(
+                status="failed",
+                failed_stage=kind,
+                error=f"{type(err).__name__}: {err}",
+                traceback=traceback.format_exc(limit=8),
+            )
     rec["total"] = total.to_dict() | {"ru_maxrss_mb": round(ru_maxrss_bytes() / 2**20, 1)}
     rec["footprint_bytes"] = ctx.facts.get("postprocess", {}).get("footprint_bytes") if ctx else None
     rec["checkpoint"] = ctx.facts.get("config_merge", {}).get("checkpoint") if ctx else None
@@ -79,4 +83,3 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     if rec["status"] != "ok":
         raise StageError(rec["failed_stage"], failure)
     return ctx.model, rec
-

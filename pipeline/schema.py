@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -64,16 +64,18 @@ class ModelConfig:
 
     name: str = MISSING
     source: Source = Source.hub
-    hub_id: Optional[str] = None
-    revision: Optional[str] = None
-    path: Optional[str] = None
+    hub_id: str | None = None
+    revision: str | None = None
+    path: str | None = None
     trust_remote_code: bool = False
     architecture: dict[str, Any] = field(default_factory=dict)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
         if self.source == Source.hub and not self.hub_id and not self.path:
-            raise ValueError(f"model.hub_id: model {self.name!r} has source=hub but no hub_id; set one, or model.path=DIR")
+            raise ValueError(
+                f"model.hub_id: model {self.name!r} has source=hub but no hub_id; set one, or model.path=DIR"
+            )
         if self.source == Source.local and not self.path:
             raise ValueError(f"model.path: model {self.name!r} has source=local but no path; pass model.path=DIR")
         if self.source == Source.synthetic and not self.path and not self.architecture.get("model_type"):
@@ -94,7 +96,7 @@ class QuantConfig:
     bnb_4bit_compute_dtype: DtypeName = DtypeName.auto
     llm_int8_threshold: float = 6.0
     llm_int8_has_fp16_weight: bool = False
-    llm_int8_skip_modules: Optional[list[str]] = None
+    llm_int8_skip_modules: list[str] | None = None
     llm_int8_enable_fp32_cpu_offload: bool = False
 
     def __post_init__(self) -> None:
@@ -112,9 +114,9 @@ class DeviceMapConfig:
     """Where each module goes: an accelerate policy, `cpu`, or an explicit map; optional per-device budget."""
 
     policy: Policy = Policy.auto
-    map: Optional[dict[str, Any]] = None
-    max_memory: Optional[dict[str, str]] = None
-    offload_folder: Optional[str] = None
+    map: dict[str, Any] | None = None
+    max_memory: dict[str, str] | None = None
+    offload_folder: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy == Policy.explicit and not self.map:
@@ -153,7 +155,7 @@ class RunConfig:
     dtype: DtypeConfig = MISSING
     stages: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = MISSING
-    prompt: Optional[str] = None
+    prompt: str | None = None
     max_new_tokens: int = 8
 
 

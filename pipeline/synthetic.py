@@ -73,7 +73,11 @@ def _write_shard(path: Path, tensors: list, dtype: torch.dtype, seed: int, std: 
     itemsize = torch.empty((), dtype=dtype).element_size()
     for name, shape in tensors:
         n = itemsize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPE[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned

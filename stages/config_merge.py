@@ -20,8 +20,10 @@ def requested_quantization(quant: QuantConfig, dtype: torch.dtype) -> BitsAndByt
     """The `BitsAndBytesConfig` a quant group asks for (None for quant=none)."""
     if quant.method == QuantMethod.none:
         return None
-    compute = dtype if quant.bnb_4bit_compute_dtype == DtypeName.auto else torch_dtype(
-        quant.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype"
+    compute = (
+        dtype
+        if quant.bnb_4bit_compute_dtype == DtypeName.auto
+        else torch_dtype(quant.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype")
     )
     return BitsAndBytesConfig(
         load_in_4bit=quant.method == QuantMethod.bnb_4bit,
@@ -65,7 +67,10 @@ class ConfigMerge(Stage):
 
         requested = requested_quantization(cfg.quant, ctx.dtype)
         saved_q = getattr(config, "quantization_config", None)
-        facts: dict[str, Any] = {"checkpoint": ctx.checkpoint.to_record(), "dtype": str(ctx.dtype).removeprefix("torch.")}
+        facts: dict[str, Any] = {
+            "checkpoint": ctx.checkpoint.to_record(),
+            "dtype": str(ctx.dtype).removeprefix("torch."),
+        }
         if saved_q is not None and AutoHfQuantizer.supports_quant_method(
             saved_q if isinstance(saved_q, dict) else saved_q.to_dict()
         ):

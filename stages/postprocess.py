@@ -29,7 +29,12 @@ class Finalize(Stage):
         dispatched = len(devices) > 1 or "disk" in devices
         if dispatched:
             accelerate_dispatch(
-                model, ctx.quantizer, ctx.device_map, load_config.disk_offload_folder, ctx.disk_offload_index, False
+                model,
+                ctx.quantizer,
+                ctx.device_map,
+                load_config.disk_offload_folder,
+                ctx.disk_offload_index,
+                False,
             )
         if ctx.quantizer is not None:
             model.hf_quantizer = ctx.quantizer

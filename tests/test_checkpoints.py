@@ -103,7 +103,9 @@ def test_model_path_loads_another_architecture_its_config_wins(load, qwen2_dir, 
 @pytest.mark.parametrize("model_name", ["mistral_7b", "qwen2_0_5b"])
 def test_other_families_load_synthetic_at_small_size(load, model_name):
     shrink = [f"model.architecture.{k}={v}" for k, v in ARCH.items() if k != "model_type"]
-    model, record, _ = load(f"model={model_name}", "model.source=synthetic", "model.synthetic.shard_size=100KB", *shrink)
+    model, record, _ = load(
+        f"model={model_name}", "model.source=synthetic", "model.synthetic.shard_size=100KB", *shrink
+    )
     assert model.config.model_type == {"mistral_7b": "mistral", "qwen2_0_5b": "qwen2"}[model_name]
     assert record["status"] == "ok"
 

@@ -14,7 +14,14 @@ from tests.conftest import REPO
 def cli(tmp_path, cache_dir, *overrides: str) -> tuple[int, str, dict, object]:
     """Run the CLI in a child process; return exit code, output, run.json and the child's rusage."""
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "pipeline", f"hydra.run.dir={run_dir}", f"cache_dir={cache_dir}", *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        f"hydra.run.dir={run_dir}",
+        f"cache_dir={cache_dir}",
+        *overrides,
+    ]
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
@@ -27,7 +34,7 @@ def cli(tmp_path, cache_dir, *overrides: str) -> tuple[int, str, dict, object]:
 def test_default_run_prints_all_stages_and_matches_outside_rss(tmp_path, cache_dir):
     code, out, record, rusage = cli(tmp_path, cache_dir)
     assert code == 0, out
-    table = out[out.index("stage "):]
+    table = out[out.index("stage ") :]
     for kind in STAGE_KINDS:
         assert f"\n{kind} " in table
     assert "\ntotal " in table

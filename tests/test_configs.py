@@ -48,7 +48,10 @@ def test_quant_variants_build_on_a_sibling():
         ("quant.bnb_4bit_quant_type=nf5", "expected one of [nf4, fp4]"),
         ("quant.method=bnb_3bit", "expected one of [none, bnb_4bit, bnb_8bit]"),
         ("dtype.name=fp8", "expected one of [fp16, bf16, fp32, auto]"),
-        ("device_map.policy=everywhere", "expected one of [auto, balanced, balanced_low_0, sequential, cpu, explicit]"),
+        (
+            "device_map.policy=everywhere",
+            "expected one of [auto, balanced, balanced_low_0, sequential, cpu, explicit]",
+        ),
         ("model.sourec=synthetic", "Key 'sourec' not in 'ModelConfig'"),
         ("dtype=fp8", "Could not find 'dtype/fp8'"),
     ],

@@ -8,7 +8,9 @@ import textwrap
 
 
 def run_py(code: str) -> str:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_sampler_sees_a_transient_peak_below_an_earlier_high_water_mark():

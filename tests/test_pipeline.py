@@ -82,7 +82,9 @@ def test_device_map_policies_load_on_this_machine(load, policy):
     assert torch.isfinite(logits(model)).all()
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)]
+)
 def test_dtype_sets_unquantized_layers(load, dtype, torch_dtype):
     model, *_ = load(f"dtype={dtype}", "quant=nf4")
     assert model.model.embed_tokens.weight.dtype == torch_dtype

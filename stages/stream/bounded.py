@@ -61,7 +61,7 @@ class BoundedStreamer(StreamStage):
 
         shard_stats, total_bytes, tensors = [], 0, 0
         size = sum(f.stat().st_size for f in ctx.checkpoint.files)
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.progress)
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.progress, mininterval=1.0)
         for shard in ctx.checkpoint.files:
             t0, shard_bytes, shard_tensors = time.perf_counter(), 0, 0
             with safe_open(shard, framework="pt", device="cpu", backend="pread") as f:
@@ -87,14 +87,23 @@ class BoundedStreamer(StreamStage):
             total_bytes += shard_bytes
             tensors += shard_tensors
             shard_stats.append(
-                {"shard": shard.name, "tensors": shard_tensors, "bytes": shard_bytes,
-                 "wall_s": round(time.perf_counter() - t0, 4)}
+                {
+                    "shard": shard.name,
+                    "tensors": shard_tensors,
+                    "bytes": shard_bytes,
+                    "wall_s": round(time.perf_counter() - t0, 4),
+                }
             )
         bar.close()
         if groups is not None:
             groups.check_complete()
         ctx.loading_info, ctx.disk_offload_index = info, (offload_index or None)
-        return {"shards": len(shard_stats), "bytes_read": total_bytes, "tensors": tensors, "per_shard": shard_stats}
+        return {
+            "shards": len(shard_stats),
+            "bytes_read": total_bytes,
+            "tensors": tensors,
+            "per_shard": shard_stats,
+        }
 
     @staticmethod
     def _convert(ctx: LoadContext, name: str, tensor: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
