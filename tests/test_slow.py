@@ -11,7 +11,7 @@ from tests.test_cli import cli
 @pytest.mark.slow
 def test_llama2_7b_synthetic_nf4_double_loads_in_bounded_memory(tmp_path):
     # the default cache, so the 13.5 GB checkpoint is built once per machine, not once per test session
-    code, out, record, rusage = cli(
+    code, out, record, outside_mb = cli(
         tmp_path,
         "${oc.env:HOME}/.cache/qload",
         "model=llama2_7b",
@@ -27,4 +27,5 @@ def test_llama2_7b_synthetic_nf4_double_loads_in_bounded_memory(tmp_path):
     assert 3.5e9 < footprint < 4.0e9
     # never the full-precision model: the load's peak stays under the quantized model plus one GB
     peak = stream["metrics"]["rss_peak_mb"] * 2**20
+    assert abs(max(s["metrics"]["rss_peak_mb"] for s in record["stages"]) - outside_mb) <= 0.10 * outside_mb
     assert peak < footprint + stream["metrics"]["rss_start_mb"] * 2**20 + 1e9 < full_precision
