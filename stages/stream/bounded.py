@@ -61,7 +61,7 @@ class BoundedStreamer(StreamStage):
 
         shard_stats, total_bytes, tensors = [], 0, 0
         size = sum(f.stat().st_size for f in ctx.checkpoint.files)
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.progress, mininterval=1.0)
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.progress)
         for shard in ctx.checkpoint.files:
             t0, shard_bytes, shard_tensors = time.perf_counter(), 0, 0
             with safe_open(shard, framework="pt", device="cpu", backend="pread") as f:
