@@ -88,7 +88,7 @@ def child(path: str, quant: str, dtype: str) -> None:
 def page_cache_rate(files: list[Path]) -> float:
     """GB/s copying the checkpoint out of the page cache (second pass, so the files are cached)."""
     buf = bytearray(64 * 2**20)
-    for attempt in range(2):
+    for _ in range(2):
         t0, n = time.perf_counter(), 0
         for f in files:
             with open(f, "rb", buffering=0) as fh:

@@ -1,9 +1,10 @@
 """Our streamer: shards one at a time, tensors one at a time, each quantized on the fly and placed.
 
-Memory stays near the quantized model plus a tensor or two: tensors are read with `pread` (safetensors'
-`pread` backend) instead of through a memory map, so no page of a shard stays resident in the process
-once its tensor is quantized, and the full-precision copy is dropped before the next tensor is read.
-The quantize and deserialize steps are transformers' own conversion ops, so the weights are the ones
+Memory stays near the quantized model plus a tensor or two: tensors are read with `pread` (reader.py)
+instead of through a memory map, so no page of a shard stays resident in the process once its tensor is
+quantized; at most `prefetch` tensors wait in memory, read ahead on a thread while the current one is
+quantized. Quantizing uses our byte-identical CPU kernels or transformers' own ops (quantize.py);
+deserializing a pre-quantized checkpoint uses transformers' ops; so the weights are the ones
 `from_pretrained` produces.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import bitsandbytes as bnb
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
@@ -28,9 +30,21 @@ from transformers.modeling_utils import LoadStateDictInfo
 from pipeline.checkpoint import CheckpointError
 from pipeline.context import LoadContext
 from stages.stream.base import StreamStage
+from stages.stream.memory import return_freed_memory
+from stages.stream.quantize import KERNELS, quantize
+from stages.stream.reader import read_tensors
 
 
 class BoundedStreamer(StreamStage):
+    def __init__(self, progress: bool = True, kernel: str = "auto", prefetch: int = 2) -> None:
+        super().__init__(progress)
+        kernel = getattr(kernel, "value", kernel)
+        if kernel not in KERNELS:
+            raise ValueError(f"stages.stream.kernel={kernel!r}; valid: {', '.join(KERNELS)}")
+        if prefetch < 0:
+            raise ValueError(f"stages.stream.prefetch={prefetch}; use 0 (no read-ahead) or more")
+        self.kernel, self.prefetch = kernel, prefetch
+
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         model = ctx.require("model", self.kind)
         cfg = ctx.load_config = self.load_config(ctx)
@@ -59,64 +73,68 @@ class BoundedStreamer(StreamStage):
             else:
                 set_param_for_module(model, name, value, info, quantizer)
 
-        shard_stats, total_bytes, tensors = [], 0, 0
+        return_freed_memory()
+        shard_stats: dict[str, dict] = {}
         size = sum(f.stat().st_size for f in ctx.checkpoint.files)
         bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.progress)
-        for shard in ctx.checkpoint.files:
-            t0, shard_bytes, shard_tensors = time.perf_counter(), 0, 0
-            with safe_open(shard, framework="pt", device="cpu", backend="pread") as f:
-                for key in f.keys():
-                    target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
-                    if pattern is not None:
-                        raise CheckpointError(
-                            f"{shard.name}: tensor {key!r} needs a weight conversion ({pattern}) that the bounded "
-                            "streamer does not do; use stages/stream=transformers for this architecture"
-                        )
-                    tensor = f.get_tensor(key)
-                    shard_bytes += tensor.numel() * tensor.element_size()
-                    shard_tensors += 1
-                    bar.update(tensor.numel() * tensor.element_size())
-                    if groups is not None and groups.claims(key):
-                        for name, value in groups.add(key, tensor).items():
-                            place(name, value)
-                    elif target not in expected:
-                        info.unexpected_keys.add(key)
-                    else:
-                        place(target, self._convert(ctx, target, tensor, expected[target]))
-                    del tensor
-            total_bytes += shard_bytes
-            tensors += shard_tensors
-            shard_stats.append(
-                {
-                    "shard": shard.name,
-                    "tensors": shard_tensors,
-                    "bytes": shard_bytes,
-                    "wall_s": round(time.perf_counter() - t0, 4),
-                }
-            )
+        t0 = time.perf_counter()
+        for shard, key, tensor in read_tensors(ctx.checkpoint.files, self.prefetch):
+            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+            if pattern is not None:
+                raise CheckpointError(
+                    f"{shard.name}: tensor {key!r} needs a weight conversion ({pattern}) that the bounded "
+                    "streamer does not do; use stages/stream=transformers for this architecture"
+                )
+            nbytes = tensor.numel() * tensor.element_size()
+            if groups is not None and groups.claims(key):
+                for name, value in groups.add(key, tensor).items():
+                    place(name, value)
+            elif target not in expected:
+                info.unexpected_keys.add(key)
+            else:
+                _check_shape(shard, key, tensor, expected[target])
+                place(target, self._convert(ctx, target, tensor, expected[target]))
+            del tensor
+            stats = shard_stats.setdefault(shard.name, {"shard": shard.name, "tensors": 0, "bytes": 0})
+            stats["tensors"] += 1
+            stats["bytes"] += nbytes
+            stats["done_s"] = round(time.perf_counter() - t0, 4)
+            bar.update(nbytes)
         bar.close()
         if groups is not None:
             groups.check_complete()
         ctx.loading_info, ctx.disk_offload_index = info, (offload_index or None)
+        per_shard = list(shard_stats.values())
         return {
-            "shards": len(shard_stats),
-            "bytes_read": total_bytes,
-            "tensors": tensors,
-            "per_shard": shard_stats,
+            "shards": len(per_shard),
+            "bytes_read": sum(s["bytes"] for s in per_shard),
+            "tensors": sum(s["tensors"] for s in per_shard),
+            "per_shard": per_shard,
+            "kernel": self.kernel,
+            "prefetch": self.prefetch,
         }
 
-    @staticmethod
-    def _convert(ctx: LoadContext, name: str, tensor: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    def _convert(self, ctx: LoadContext, name: str, tensor: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         """Cast, place and (when the quantizer says so) quantize one tensor, as transformers' loader does."""
         quantizer, model = ctx.quantizer, ctx.model
         device = get_device(ctx.load_config.device_map, name, valid_torch_device=True)
         if quantizer is not None and not quantizer.pre_quantized and quantizer.param_needs_quantization(model, name):
-            value = tensor.to(device=device, dtype=ctx.dtype)
-            return quantizer.get_quantize_ops().convert({name: value}, model=model, full_layer_name=name)[name]
+            return quantize(model, quantizer, name, tensor.to(device=device, dtype=ctx.dtype), self.kernel)
         dtype = _planned_dtype(ctx.load_config.dtype_plan, name) or (
             empty.dtype if empty.dtype.is_floating_point and tensor.dtype.is_floating_point else None
         )
         return tensor.to(device=device, dtype=dtype)
+
+
+def _check_shape(shard, key: str, tensor: torch.Tensor, empty: torch.Tensor) -> None:
+    """A tensor that does not fit its parameter means a checkpoint of another model (or size)."""
+    # a quantized placeholder of a Conv1D layer (GPT-2 style) holds the transposed shape: compare sizes there
+    fits = tensor.shape == empty.shape or (isinstance(empty, bnb.nn.Params4bit) and tensor.numel() == empty.numel())
+    if not fits or (empty.dtype.is_floating_point and not tensor.dtype.is_floating_point):
+        raise CheckpointError(
+            f"{shard}: tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}, the model built from config.json "
+            f"expects {tuple(empty.shape)} {empty.dtype}; does config.json belong to these weights?"
+        )
 
 
 def _planned_dtype(dtype_plan: dict, name: str) -> torch.dtype | None:

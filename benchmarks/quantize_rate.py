@@ -1,0 +1,118 @@
+"""Quantization rate on the CPU: bitsandbytes' ops vs stages.stream.kernels, in GB/s of input.
+
+    python benchmarks/quantize_rate.py [--threads N] [--repeat N] [--page-cache-mib N]
+
+Llama-7B shaped fp16 weights (4096x4096, 11008x4096); every row also checks that both give the
+same bytes.  The double-quant statistics op (bitsandbytes' quantize_blockwise, not replaced) is
+timed for reference, and so is reading a file from the page cache, which bounds how fast weights
+can stream in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+import bitsandbytes.functional as F
+import torch
+
+from stages.stream import kernels
+
+SHAPES = [(4096, 4096), (11008, 4096)]
+
+
+def best_seconds(repeat: int, fn: Callable[..., object], *args: object) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def same_bytes(a: tuple, b: tuple) -> bool:
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if isinstance(x, torch.Tensor)]
+    return all(x.shape == y.shape and torch.equal(raw(x), raw(y)) for x, y in pairs)
+
+
+def page_cache_rate(mib: int) -> float:
+    """GB/s of the second of two reads of a fresh temp file (the first puts it in the page cache)."""
+    buf = bytearray(mib << 20)
+    with tempfile.NamedTemporaryFile(dir=os.environ.get("TMPDIR", "/tmp")) as f:
+        f.write(os.urandom(1 << 20) * mib)
+        f.flush()
+        seconds = float("inf")
+        for _ in range(2):
+            with open(f.name, "rb", buffering=0) as r:
+                start = time.perf_counter()
+                r.readinto(buf)
+                seconds = time.perf_counter() - start
+    return len(buf) / 1e9 / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeat", type=int, default=3, help="best of N timed calls (after a warm-up)")
+    parser.add_argument("--page-cache-mib", type=int, default=512, help="0 skips the page-cache read")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ops = {
+        "nf4": (
+            lambda A: torch.ops.bitsandbytes.quantize_4bit.default(A, 64, "nf4", torch.uint8),
+            lambda A: kernels.quantize_4bit(A, 64, "nf4"),
+        ),
+        "fp4": (
+            lambda A: torch.ops.bitsandbytes.quantize_4bit.default(A, 64, "fp4", torch.uint8),
+            lambda A: kernels.quantize_4bit(A, 64, "fp4"),
+        ),
+        "int8": (
+            lambda A: torch.ops.bitsandbytes.int8_vectorwise_quant.default(A, 0.0),
+            lambda A: kernels.int8_vectorwise_quant(A),
+        ),
+    }
+    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeat}; GB/s of fp16 input")
+    first = torch.randn(SHAPES[0], dtype=torch.float16)
+    for name, (_, ours) in ops.items():
+        start = time.perf_counter()
+        ours(first)  # compiles, or loads the compiled kernel from inductor's on-disk cache
+        print(f"first call of ours, {name}: {time.perf_counter() - start:.1f} s")
+
+    print(f"\n{'shape':>12} {'op':>5} {'bnb GB/s':>9} {'ours GB/s':>10} {'ratio':>7}  same bytes")
+    for shape in SHAPES:
+        A = torch.randn(shape, dtype=torch.float16) * 0.02
+        gb = A.numel() * A.element_size() / 1e9
+        for name, (bnb, ours) in ops.items():
+            same = same_bytes(ours(A), bnb(A))
+            t_bnb, t_ours = best_seconds(args.repeat, bnb, A), best_seconds(args.repeat, ours, A)
+            print(
+                f"{'x'.join(map(str, shape)):>12} {name:>5} {gb / t_bnb:9.3f} {gb / t_ours:10.3f} "
+                f"{t_bnb / t_ours:6.1f}x  {'yes' if same else 'NO'}"
+            )
+
+        # compress_statistics=True: quantize_blockwise(absmax - mean, blocksize=256), bnb only
+        absmax = kernels.quantize_4bit(A, 64, "nf4")[1]
+        centered = absmax - absmax.mean()
+        t = best_seconds(args.repeat, functools.partial(F.quantize_blockwise, blocksize=256), centered)
+        print(
+            f"{'x'.join(map(str, shape)):>12} double-quant absmax (bnb, native): {t * 1e3:.2f} ms, "
+            f"{centered.numel() * 4 / 1e9 / t:.2f} GB/s of its fp32 input"
+        )
+
+    if args.page_cache_mib:
+        print(
+            f"\npage-cache read (second read of a {args.page_cache_mib} MiB file): "
+            f"{page_cache_rate(args.page_cache_mib):.2f} GB/s"
+        )
+
+
+if __name__ == "__main__":
+    main()

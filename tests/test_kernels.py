@@ -1,0 +1,222 @@
+"""stages.stream.kernels against bitsandbytes' own CPU ops, compared byte for byte."""
+
+from __future__ import annotations
+
+import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+import pytest
+import torch
+
+from stages.stream import kernels
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+QUANT_TYPES = ["nf4", "fp4"]
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    assert torch.equal(raw(ours), raw(ref))
+
+
+def assert_same_stats(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Bytes equal, except that a NaN only has to be a NaN: bitsandbytes' own NaN bits depend on
+    which reduction kernel torch picked (0x7fc00000 or 0x7fffffff)."""
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    nan = ref.isnan()
+    assert torch.equal(ours.isnan(), nan)
+    assert torch.equal(raw(ours[~nan]), raw(ref[~nan]))
+
+
+def check_4bit(A: torch.Tensor, quant_type: str, blocksize: int = 64, storage=torch.uint8) -> None:
+    ref = torch.ops.bitsandbytes.quantize_4bit.default(A, blocksize, quant_type, storage)
+    ours = kernels.quantize_4bit(A, blocksize, quant_type, storage)
+    assert_same(ours[0], ref[0])
+    assert_same_stats(ours[1], ref[1])
+
+
+def check_int8(A: torch.Tensor, threshold: float = 0.0) -> None:
+    rq, rs, rcols = torch.ops.bitsandbytes.int8_vectorwise_quant.default(A, threshold)
+    q, s, cols = kernels.int8_vectorwise_quant(A, threshold)
+    assert_same(q, rq)
+    assert_same_stats(s, rs)
+    assert (cols is None and rcols is None) or torch.equal(cols, rcols)
+
+
+def randn(shape, dtype, scale=1.0, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def anchored(values: torch.Tensor, anchor: float) -> torch.Tensor:
+    """values in blocks of 63 after an element equal to anchor, so each block's absmax is anchor
+    (when |values| <= anchor) and the scaled values sweep every input value in that range."""
+    pad = -len(values) % 63
+    values = torch.cat([values, values.new_zeros(pad)]).view(-1, 63)
+    return torch.cat([values.new_full((len(values), 1), anchor), values], dim=1).reshape(-1)
+
+
+def all_values(dtype: torch.dtype, limit: float) -> torch.Tensor:
+    """Every finite value of a 16-bit float dtype with |x| <= limit, including -0.0."""
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    return x[x.float().abs() <= limit]
+
+
+# empty, below / at / above one block, odd sizes (a padded last byte), tails, 0-D to 3-D
+SHAPES = [(n,) for n in (0, 1, 2, 3, 63, 64, 65, 127, 128, 2049)]
+SHAPES += [(), (0, 64), (7, 9), (3, 100), (1, 64), (2, 64), (5, 3, 33), (1000, 37), (17, 4096 + 30)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_shapes_and_scales(quant_type, dtype):
+    for i, shape in enumerate(SHAPES):
+        for scale in (1e-3, 1.0, 300.0):
+            check_4bit(randn(shape, dtype, scale, seed=i), quant_type)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_chunk_boundaries(quant_type, monkeypatch):
+    monkeypatch.setattr(kernels, "_CHUNK", 3 * 4096)  # a multiple of every blocksize
+    for dtype in DTYPES:
+        for n in (3 * 4096, 3 * 4096 + 64, 3 * 4096 + 65, 7 * 4096 + 1000):
+            check_4bit(randn((n,), dtype, seed=n), quant_type)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_llama_shape(quant_type):
+    check_4bit(randn((4096, 4096), torch.float16, 0.02), quant_type)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_every_16bit_value(quant_type, dtype):
+    # Anchor 1 makes the scaled value the input itself, so every value next to (or on) a
+    # midpoint is hit; the other anchors exercise the rounding of x * (1 / absmax).
+    for anchor in (1.0, 0.7, 3.0, 1e-3):
+        check_4bit(anchored(all_values(dtype, anchor), anchor).to(dtype), quant_type)
+
+
+def midpoints(quant_type: str) -> torch.Tensor:
+    code = bitsandbytes.functional.get_4bit_type(quant_type, device="cpu").sort().values
+    return (code[:-1] + code[1:]) / 2
+
+
+def around(center: torch.Tensor, ulps: int = 15) -> torch.Tensor:
+    """center and the `ulps` float32 values on either side of each of its elements."""
+    out, down, up = [center], center, center
+    for _ in range(ulps):
+        down, up = torch.nextafter(down, torch.tensor(-9.0)), torch.nextafter(up, torch.tensor(9.0))
+        out += [down, up]
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_float32_on_and_around_midpoints(quant_type):
+    # A power-of-two absmax keeps 1 / absmax exact, so midpoint * absmax scales to an exact tie;
+    # the others check the rounding of x * (1 / absmax) next to each midpoint.
+    for anchor in (1.0, 2.0, 0.25, 2.0**-100, 3.0, 0.7, 10.0 / 3):
+        check_4bit(anchored(around(midpoints(quant_type) * anchor), anchor), quant_type)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_tail_block_divides(quant_type):
+    # bitsandbytes scales full blocks by x * (1 / absmax) but the tail block by x / absmax;
+    # next to a midpoint the two round to different sides for some x.
+    head = randn((64,), torch.float32)
+    for anchor in (3.0, 0.7, 10.0 / 3, 0.3):
+        for t in midpoints(quant_type):
+            tail = torch.cat([torch.tensor([anchor]), around((t * anchor).reshape(1))])
+            check_4bit(torch.cat([head, tail]), quant_type)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_special_values(quant_type, dtype):
+    inf, nan = float("inf"), float("nan")
+    A = randn((7, 64), torch.float32)
+    A[0] = 0.0  # an all-zero block: absmax 0, scaled by 1 / 1e-38
+    A[1] = -0.0
+    A[2, ::2] = 0.0
+    A[2, 1::2] = -0.0
+    A[3, 5] = inf  # absmax inf: the finite values scale to +-0, inf itself to nan
+    A[4, 9] = -inf
+    A[5, 17] = nan
+    A[6, :] = 1e-30  # scaled to ~1e-30 by the 1.0: just above fp4's midpoint at 0
+    A[6, 0] = 1.0
+    check_4bit(A.to(dtype), quant_type)
+    for tail in ([0.0] * 5, [-0.0, 0.0, -0.0], [inf, 1.0, -2.0], [nan, 1.0], [1e-30, 1.0, -1e-30]):
+        check_4bit(torch.cat([A.reshape(-1), torch.tensor(tail)]).to(dtype), quant_type)
+    if dtype == torch.float32:
+        tiny = torch.tensor([1e-45, -1e-45, 1e-39, 0.0] * 32)  # subnormal inputs and absmax
+        check_4bit(tiny, quant_type)
+
+
+@pytest.mark.parametrize(
+    "storage", [torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.int32]
+)
+def test_4bit_quant_storage(storage):
+    for quant_type in QUANT_TYPES:
+        check_4bit(randn((64, 64), torch.float16), quant_type, storage=storage)
+        check_4bit(randn((9, 32), torch.float32, seed=1), quant_type, storage=storage)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_other_blocksizes(quant_type):
+    for blocksize in kernels.BLOCKSIZES:
+        for shape in [(blocksize,), (3 * blocksize + 7,), (37, 2 * blocksize + 2)]:
+            check_4bit(randn(shape, torch.float16, seed=blocksize), quant_type, blocksize)
+    check_4bit(randn((513, 100), torch.bfloat16), quant_type, 4096)
+
+
+def test_4bit_views_and_parameters():
+    base = randn((130, 200), torch.float16)
+    param = torch.nn.Parameter(randn((64, 64), torch.bfloat16))
+    for A in (base.t(), base[1:, 3:], base.reshape(-1)[1:6401], param):
+        for quant_type in QUANT_TYPES:
+            check_4bit(A, quant_type)
+    assert not kernels.quantize_4bit(param)[0].requires_grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_shapes_and_special_values(dtype):
+    for i, shape in enumerate([(1, 7), (7, 1), (3, 100), (513, 257), (64, 4096)]):
+        for scale in (1e-3, 1.0, 300.0):
+            check_int8(randn(shape, dtype, scale, seed=i))
+    A = randn((8, 300), torch.float32)
+    A[0] = 0.0  # all-zero row: 0 * (127 / 0) is nan, which bitsandbytes stores as 0
+    A[1, 3] = float("inf")
+    A[2, 4] = -float("inf")
+    A[3, 5] = float("nan")
+    A[4, ::2] = -0.0
+    A[5] = torch.arange(300) % 255 - 127 + 0.5  # absmax 127.5: an inexact scale
+    A[6] = 127.0
+    A[6, 1:255] = torch.arange(254) - 126.5  # absmax 127: scale exactly 1, exact .5 ties
+    A[7] = 254.0
+    A[7, 1:] = torch.arange(299) % 253 - 126  # scale 0.5: odd values tie
+    check_int8(A.to(dtype))
+
+
+def test_int8_llama_shape_and_threshold():
+    check_int8(randn((4096, 4096), torch.float16, 0.02))
+    check_int8(torch.nn.Parameter(randn((64, 96), torch.float16)))
+    A = randn((64, 96), torch.float16, 2.0)
+    check_int8(A, threshold=6.0)
+
+
+def test_invalid_arguments():
+    A = torch.zeros(64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="'int4'.*nf4, fp4"):
+        kernels.quantize_4bit(A, quant_type="int4")
+    with pytest.raises(ValueError, match="48.*32, 64"):
+        kernels.quantize_4bit(A, blocksize=48)
+    with pytest.raises(ValueError, match="torch.float64.*torch.float16"):
+        kernels.quantize_4bit(A.double())
+    with pytest.raises(ValueError, match="'meta'.*cpu"):
+        kernels.quantize_4bit(A.to("meta"))
+    with pytest.raises(ValueError, match="torch.int8"):
+        kernels.int8_vectorwise_quant(torch.zeros(4, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match="3.*2"):
+        kernels.int8_vectorwise_quant(torch.zeros(2, 4, 4, dtype=torch.float16))
