@@ -33,7 +33,6 @@ def load(overrides: list[str] | None = None, run_dir: str | Path | None = None) 
 
     cfg = compose(overrides)
     if run_dir is None:
-        run_dir = (
-            Path("runs") / "api" / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S") + f"-{time.time_ns() % 10**6}"
-        )
+        stamp = time.strftime("%H-%M-%S") + f"-{time.time_ns() % 10**9:09d}"
+        run_dir = Path("runs") / "api" / time.strftime("%Y-%m-%d") / stamp
     return run(cfg, Path(run_dir))

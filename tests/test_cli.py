@@ -64,3 +64,13 @@ def test_python_api_returns_model_and_record(tmp_path, cache_dir):
     model, record = load([f"cache_dir={cache_dir}", "quant=fp4"], run_dir=tmp_path / "api")
     assert record["status"] == "ok" and model.is_loaded_in_4bit
     assert json.loads((tmp_path / "api" / "run.json").read_text())["status"] == "ok"
+
+
+def test_python_api_default_run_dir_is_under_runs(tmp_path, cache_dir, monkeypatch):
+    from pipeline import load
+
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        load([f"cache_dir={cache_dir}"])
+    dirs = sorted((tmp_path / "runs" / "api").glob("*/*"))
+    assert len(dirs) == 2 and all((d / "run.json").exists() for d in dirs)
