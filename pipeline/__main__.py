@@ -1,4 +1,8 @@
-"""`python -m pipeline [group=option ...] [key=value ...]`: load a model as the config says, record the run."""
+"""`python -m pipeline [group=option ...] [key=value ...]`: load a model as the config says, record the run.
+
+Each run (and each job of a `-m` sweep) loads in a fresh process (`pipeline.isolate`), so this process stays
+small and every record's peak memory is that load's own.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,34 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schema
-from pipeline.generate import generate
-from pipeline.runner import StageError, run
+from pipeline.isolate import JobFailed, run_isolated
 
 schema.register()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        model, _ = run(cfg, out_dir)
-    except StageError as err:
-        print(f"\nerror: {err}\nrecord: {out_dir / 'run.json'}", file=sys.stderr)
-        sys.exit(1)
-    print(f"record: {out_dir / 'run.json'}")
-    if cfg.prompt:
-        print(generate(model, cfg.prompt, cfg.max_new_tokens))
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    job_logging = OmegaConf.to_container(hydra_cfg.job_logging, resolve=True) if hydra_cfg.job_logging else None
+    outcome = run_isolated(cfg, out_dir, job_logging=job_logging)
+    where = f"record: {out_dir / 'run.json'}"
+    if outcome.ok:
+        print(where)
+        return
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        print(f"\nerror: {outcome.message}\n{where}", file=sys.stderr)
+        sys.exit(outcome.exit_status)
+    job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
+    print(f"\nerror: {job}: {outcome.message}\n{where}", file=sys.stderr)
+    raise JobFailed(
+        f"error: {job}: {outcome.message}\n{where}\n"
+        f"every job of the sweep: python -m pipeline.report {hydra_cfg.sweep.dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,213 @@
+"""Run one load in a fresh process, so that the memory it records is its own.
+
+Peak RSS only grows inside a process: a second load in the same process would report the first one's peak
+(and the allocator's leftovers) as its own. So every load runs in a child process, and the caller (the
+Hydra job) only waits for it and reads the record it wrote.
+
+A `spawn` child alone is not enough. Linux carries the high-water mark of the memory a process ran in
+across exec, and Python spawns with vfork, where that memory is the parent's own: a spawned child's
+`ru_maxrss` starts at its parent's peak (measured: 1.5 GB parent, 1.5 GB child at its first line), which
+hides any smaller peak of its own. (With a plain fork, the mark would start at the parent's RSS at the
+time of the fork instead.) So the load runs two hops away: a go-between is spawned (it inherits the
+caller's mark, but what it runs in is a bare interpreter), and it spawns the load, which inherits only the
+go-between's small mark. The load records what its counter said when it began, as
+`process.ru_maxrss_at_start_mb` in `run.json` (about 30 MB).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+import pickle
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from pipeline import record
+
+EXIT_OK = 0
+EXIT_LOAD_FAILED = 1  # a stage failed; run.json says which and why
+EXIT_GENERATION_FAILED = 3  # loaded, then the prompt's generation failed; run.json has `generation.error`
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def _maxrss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job's load failed. Raised rather than `sys.exit`: Hydra's launchers record an exception as
+    the job's failure and run the other jobs, then exit non-zero; a SystemExit would end the whole sweep."""
+
+
+@dataclass
+class Outcome:
+    """How an isolated load ended: the load process's exit status, a one-line reason, and run.json."""
+
+    exit_status: int
+    message: str
+    record: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == EXIT_OK
+
+
+def run_isolated(
+    cfg: DictConfig, out_dir: Path, job_logging: dict | None = None, extra: dict[str, Any] | None = None
+) -> Outcome:
+    """Load the model `cfg` describes in a fresh process (and generate when `cfg.prompt` is set); the
+    process writes `run.json` and `stages.jsonl` into `out_dir`. `job_logging` is a `logging.config`
+    dict for the load's own logging; `extra` is merged into its run.json (e.g. what a replay replays)."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    with read_write(cfg):
+        OmegaConf.resolve(cfg)  # env and Hydra interpolations, as this process sees them
+    path = out_dir / "run.json"
+    stale = _identity(path)  # a folder used before: its old record must not pass for this run's
+    payload = pickle.dumps((cfg, out_dir, job_logging, os.getpid(), extra or {}))
+    hop = _SPAWN.Process(target=_go_between, args=(payload,), name="qload-go-between")
+    hop.start()
+    try:
+        hop.join()
+    except KeyboardInterrupt:
+        hop.join()  # the load saw the same Ctrl-C: let it record the interruption before we stop too
+        raise
+    status = _exit_status(hop.exitcode)
+    rec = json.loads(path.read_text()) if path.exists() and _identity(path) != stale else None
+    if rec is None:
+        rec = _crash_record(cfg, out_dir, f"the load process ended without a record: {_describe(status)}")
+        status = status or EXIT_LOAD_FAILED
+    return Outcome(status, _message(status, rec), rec)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path`: a record written since has another inode (it is renamed into place)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _exit_status(code: int | None) -> int:
+    """A shell-style status: 128+N for a process killed by signal N (also when the go-between passes it on)."""
+    if code is None:
+        return EXIT_LOAD_FAILED
+    return 128 - code if code < 0 else code
+
+
+def _describe(status: int) -> str:
+    if status > 128 and status != EXIT_INTERRUPTED:
+        name = signal.Signals(status - 128).name if status - 128 in signal.valid_signals() else "?"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"killed by signal {status - 128} ({name}){hint}"
+    return f"exit status {status}"
+
+
+def _message(status: int, rec: dict) -> str:
+    if status == EXIT_OK:
+        return "ok"
+    if status == EXIT_INTERRUPTED:
+        return f"interrupted in stage {rec.get('failed_stage')}"
+    if status == EXIT_GENERATION_FAILED:
+        return f"loaded, but generating from the prompt failed: {rec.get('generation', {}).get('error')}"
+    if rec.get("status") == "failed" and rec.get("failed_stage"):
+        return f"stage {rec['failed_stage']} failed: {rec.get('error')}"
+    return f"the load process failed: {_describe(status)}"
+
+
+def _go_between(payload: bytes) -> None:
+    """A bare interpreter between the caller and the load; exits with the load's status."""
+    load = _SPAWN.Process(target=_load, args=(payload,), name="qload-load")
+    load.start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the load too; it records and exits
+    load.join()
+    sys.exit(_exit_status(load.exitcode))
+
+
+def _load(payload: bytes) -> None:
+    """The load itself: run the stages, generate if asked, add this process's facts to run.json."""
+    at_start = _maxrss_mb()
+    cfg, out_dir, job_logging, launcher_pid, extra = pickle.loads(payload)
+    if job_logging:
+        import logging.config
+
+        logging.config.dictConfig(job_logging)
+    from pipeline.runner import StageError, run  # torch and transformers load here, not in the caller
+
+    status, model = EXIT_OK, None
+    try:
+        model, _ = run(cfg, out_dir)
+    except StageError:
+        status = EXIT_LOAD_FAILED
+    except KeyboardInterrupt:
+        status = EXIT_INTERRUPTED
+    process = {
+        "pid": os.getpid(),
+        "go_between_pid": os.getppid(),
+        "launcher_pid": launcher_pid,
+        "start": "spawn, via a spawned go-between",
+        "ru_maxrss_at_start_mb": at_start,
+    }
+    additions: dict[str, Any] = {"process": process, **extra}
+    if model is not None and cfg.prompt:
+        additions["generation"] = _generate(model, cfg.prompt, cfg.max_new_tokens)
+        if "error" in additions["generation"]:
+            status = EXIT_GENERATION_FAILED
+    path = out_dir / "run.json"
+    if path.exists():
+        record.write_json_atomic(path, json.loads(path.read_text()) | additions)
+    sys.stdout.flush()
+    sys.exit(status)
+
+
+def _generate(model: Any, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    from pipeline.generate import generate
+
+    t0 = time.perf_counter()
+    facts: dict[str, Any] = {"prompt": prompt, "max_new_tokens": max_new_tokens}
+    try:
+        facts["output"] = generate(model, prompt, max_new_tokens)
+        print(facts["output"])
+    except Exception as err:  # the load is recorded as it went; the generation's failure is recorded with it
+        facts["error"] = f"{type(err).__name__}: {err}"
+        print(f"error: generation failed: {facts['error']}", file=sys.stderr)
+    facts["wall_s"] = round(time.perf_counter() - t0, 4)
+    return facts
+
+
+def _crash_record(cfg: DictConfig, out_dir: Path, reason: str) -> dict[str, Any]:
+    """The run.json the load could not write: every stage it finished (from stages.jsonl) and why it ended."""
+    from pipeline.schema import STAGE_KINDS
+
+    lines = out_dir / "stages.jsonl"
+    stages = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()] if lines.exists() else []
+    done = [s["stage"] for s in stages if s.get("status") == "ok"]
+    failed_stage = next((k for k in STAGE_KINDS if k not in done), None) or "after the load"
+    rec = {
+        "status": "failed",
+        "failed_stage": failed_stage,
+        "error": reason,
+        "stages": stages,
+        "total": None,
+        "footprint_bytes": None,
+        "checkpoint": None,
+        "git": record.git_state(),
+        "host": record.host(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    record.write_json_atomic(out_dir / "run.json", rec)
+    return rec
