@@ -1,4 +1,5 @@
-"""The runner: build the seven stages from the config, run them in order, measure each, record the run."""
+"""The runner: build the stages from the config, run them in order (a plan: up to device_map, then the
+planning step), measure each, record the run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import record
 from pipeline.context import LoadContext
 from pipeline.measure import ru_maxrss_bytes, track
+from pipeline.plan import PLAN_KINDS, Plan, summary
+from pipeline.plan_format import describe
 from pipeline.schema import STAGE_KINDS
 from stages.base import Stage
 
@@ -40,7 +43,8 @@ def build_stage(kind: str, node: DictConfig) -> Stage:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
-    """Load the model `cfg` describes; write `stages.jsonl` and `run.json` into `out_dir`."""
+    """Load the model `cfg` describes (with plan=true: plan it, returning no model); write `stages.jsonl` and
+    `run.json` into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rec: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": []}
     ctx: LoadContext | None = None
@@ -49,9 +53,12 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     with track() as total:
         try:
             ctx = LoadContext(cfg=OmegaConf.to_object(cfg))  # runs the schemas' cross-field checks
+            # every stage is built, a plan's too: the plan's process then imports what the load's would
             stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
-            for kind, stage in stages.items():
-                entry = {"stage": kind, "target": cfg.stages[kind]._target_, "status": "failed"}
+            steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if cfg.plan else STAGE_KINDS)]
+            steps += [("plan", "pipeline.plan.Plan", Plan(cfg.stages.stream))] if cfg.plan else []
+            for kind, target, stage in steps:
+                entry = {"stage": kind, "target": target, "status": "failed"}
                 try:
                     with track() as m:
                         ctx.facts[kind] = stage(ctx) or {}
@@ -60,7 +67,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
                     entry.update(metrics=m.to_dict(), facts=ctx.facts.get(kind, {}))
                     rec["stages"].append(entry)
                     record.append_jsonl(out_dir / "stages.jsonl", entry)
-            rec["status"] = "ok"
+            rec["status"] = "planned" if cfg.plan else "ok"
         except KeyboardInterrupt:
             rec.update(status="interrupted", failed_stage=kind)
         except Exception as err:  # recorded, then raised as a StageError below
@@ -73,13 +80,17 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
             )
     rec["total"] = total.to_dict() | {"ru_maxrss_mb": round(ru_maxrss_bytes() / 2**20, 1)}
     rec["footprint_bytes"] = ctx.facts.get("postprocess", {}).get("footprint_bytes") if ctx else None
+    if cfg.plan:
+        rec["plan"] = summary(ctx.facts["plan"]) if rec["status"] == "planned" else None
     rec["checkpoint"] = ctx.facts.get("config_merge", {}).get("checkpoint") if ctx else None
     rec.update(git=record.git_state(), host=record.host(), config=OmegaConf.to_container(cfg, resolve=True))
     rec["versions"] = ctx.facts.get("env_check", {}).get("versions") if ctx else None
     record.write_json_atomic(out_dir / "run.json", rec)
     print(record.format_table(rec["stages"], rec["total"]))
+    if rec["status"] == "planned":
+        print(describe(ctx.facts["plan"]))
     if rec["status"] == "interrupted":
         raise KeyboardInterrupt
-    if rec["status"] != "ok":
+    if rec["status"] not in ("ok", "planned"):
         raise StageError(rec["failed_stage"], failure)
-    return ctx.model, rec
+    return (None if cfg.plan else ctx.model), rec

@@ -7,6 +7,7 @@ message. Cross-field checks live in `__post_init__`, which `OmegaConf.to_object`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -19,6 +20,7 @@ class Source(str, Enum):
     hub = "hub"
     local = "local"
     synthetic = "synthetic"
+    package = "package"  # a model shipped inside a PyPI wheel, converted once (pipeline/realmodel.py)
 
 
 class DtypeName(str, Enum):
@@ -109,16 +111,44 @@ class QuantConfig:
             raise ValueError(f"quant.llm_int8_threshold must be >= 0, got {self.llm_int8_threshold}")
 
 
+MEMORY_DEVICES = ("cpu", "disk", "mps")
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B)?$", re.IGNORECASE)
+
+
+def check_max_memory(budget: Any) -> None:
+    """device_map.max_memory: keys are GPU indices or cpu/disk/mps, values sizes (24GiB, 500MB, bytes)."""
+    if budget is None:
+        return
+    if not isinstance(budget, dict):
+        raise ValueError(f"device_map.max_memory={budget!r}: expected a mapping such as {{0: 24GiB, cpu: 64GiB}}")
+    for key, size in budget.items():
+        if not (isinstance(key, int) or str(key).isdigit() or key in MEMORY_DEVICES):
+            raise ValueError(
+                f"device_map.max_memory: unknown device {key!r}; use a GPU index (0, 1, ...) or one of "
+                f"{', '.join(MEMORY_DEVICES)}"
+            )
+        if not _SIZE.match(str(size).strip()):
+            raise ValueError(
+                f"device_map.max_memory.{key}={size!r} is not a size; use bytes or a number with a unit: "
+                "500MB, 24GB, 24GiB"
+            )
+
+
 @dataclass
 class DeviceMapConfig:
     """Where each module goes: an accelerate policy, `cpu`, or an explicit map; optional per-device budget."""
 
     policy: Policy = Policy.auto
-    map: dict[str, Any] | None = None
-    max_memory: dict[str, str] | None = None
+    # `Any`, checked below: Hydra merges a dict override into a typed dict node, which fails for a None
+    # default, for GPU-index keys (Hydra parses `0` as an int) and, in struct mode, for any new key
+    map: Any = None
+    max_memory: Any = None  # {GPU index | cpu | disk: size}, e.g. {0: 24GiB, 1: 24GiB, cpu: 64GiB}
     offload_folder: str | None = None
 
     def __post_init__(self) -> None:
+        check_max_memory(self.max_memory)
+        if self.map is not None and not isinstance(self.map, dict):
+            raise ValueError(f"device_map.map={self.map!r}: expected a module -> device mapping")
         if self.policy == Policy.explicit and not self.map:
             raise ValueError(
                 "device_map.map: policy=explicit needs a map, e.g. device_map.map='{model.embed_tokens: 0, "
@@ -147,6 +177,38 @@ class StreamConfig(StageConfig):
     progress: bool = True
 
 
+class Kernel(str, Enum):
+    auto = "auto"  # fast for weights placed on the CPU, bitsandbytes' own kernel elsewhere
+    bnb = "bnb"
+    fast = "fast"
+
+
+@dataclass
+class BoundedStreamConfig(StreamConfig):
+    kernel: Kernel = Kernel.auto
+    prefetch: int = 2  # tensors read ahead while the current one is quantized; 0 reads in line
+
+
+@dataclass
+class VerifyConfig(StageConfig):
+    """Quality after load: perplexity on a bundled text, logits against the unquantized reference."""
+
+    text: str | None = None  # a UTF-8 file; None: the bundled pipeline/data/eval.txt
+    max_tokens: int = 512
+    random_tokens: int = 256  # seeded token ids instead of text when the checkpoint has no tokenizer
+    seed: int = 0
+    reference: bool = True
+    prompt: str = "Once upon a time"
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for key in ("max_tokens", "random_tokens"):
+            if getattr(self, key) < 2:
+                raise ValueError(f"stages.verify.{key} must be >= 2 (next-token figures need two tokens)")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"stages.verify.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = MISSING
@@ -157,9 +219,10 @@ class RunConfig:
     cache_dir: str = MISSING
     prompt: str | None = None
     max_new_tokens: int = 8
+    plan: bool = False  # stop after device_map and predict the load's memory (pipeline/plan.py); no weight read
 
 
-STAGE_KINDS = ("config_merge", "quantizer", "env_check", "preprocess", "device_map", "stream", "postprocess")
+STAGE_KINDS = ("config_merge", "quantizer", "env_check", "preprocess", "device_map", "stream", "postprocess", "verify")
 
 
 def register() -> None:
@@ -175,3 +238,5 @@ def register() -> None:
         cs.store(group=group, name="schema", node=node)
     for kind in STAGE_KINDS:
         cs.store(group=f"stages/{kind}", name="schema", node=StreamConfig if kind == "stream" else StageConfig)
+    cs.store(group="stages/stream", name="bounded_schema", node=BoundedStreamConfig)
+    cs.store(group="stages/verify", name="logits_schema", node=VerifyConfig)

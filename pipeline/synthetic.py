@@ -53,7 +53,7 @@ def tensor_plan(config: Any) -> list[tuple[str, tuple[int, ...]]]:
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items() if k not in tied]
 
 
-def _split(plan: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int) -> list[list]:
+def split_shards(plan: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int) -> list[list]:
     """Greedy split in order, as `save_pretrained` does: a new shard when the next tensor would overflow."""
     shards: list[list] = [[]]
     size = 0
@@ -93,9 +93,14 @@ def checkpoint_key(architecture: dict, synthetic: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def folder(name: str, architecture: dict, synthetic: dict, cache_dir: Path) -> Path:
+    """Where the checkpoint for this architecture and seed lives (or will, once materialized)."""
+    return Path(cache_dir).expanduser() / "synthetic" / f"{name}-{checkpoint_key(architecture, synthetic)}"
+
+
 def materialize(name: str, architecture: dict, synthetic: dict, cache_dir: Path) -> Path:
     """The checkpoint folder for this architecture and seed, built on first use and reused after."""
-    target = Path(cache_dir).expanduser() / "synthetic" / f"{name}-{checkpoint_key(architecture, synthetic)}"
+    target = folder(name, architecture, synthetic, cache_dir)
     if (target / "config.json").exists():
         return target
     dtype = torch_dtype(synthetic["dtype"], key="model.synthetic.dtype")
@@ -103,7 +108,7 @@ def materialize(name: str, architecture: dict, synthetic: dict, cache_dir: Path)
     config = AutoConfig.for_model(**architecture)
     config.dtype = dtype
     plan = tensor_plan(config)
-    shards = _split(plan, torch.empty((), dtype=dtype).element_size(), max_bytes)
+    shards = split_shards(plan, torch.empty((), dtype=dtype).element_size(), max_bytes)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")

@@ -12,7 +12,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 from pipeline import checkpoint
 from pipeline.context import LoadContext
 from pipeline.dtypes import torch_dtype
-from pipeline.schema import DtypeName, QuantConfig, QuantMethod
+from pipeline.schema import DtypeName, ModelConfig, QuantConfig, QuantMethod
 from stages.base import Stage
 
 
@@ -51,12 +51,18 @@ class ConfigMerge(Stage):
 
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         cfg = ctx.cfg
-        path = checkpoint.locate(cfg.model, cfg.cache_dir)
-        ctx.checkpoint = checkpoint.scan(path)
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-        except (ValueError, KeyError) as err:
-            raise checkpoint.CheckpointError(f"{path / 'config.json'}: {err}") from None
+        # a plan reads what is here and never downloads or builds: without a local copy, the YAML architecture
+        path = (
+            checkpoint.find_local(cfg.model, cfg.cache_dir) if cfg.plan else checkpoint.locate(cfg.model, cfg.cache_dir)
+        )
+        if path is None:
+            config = architecture_config(cfg.model)
+        else:
+            ctx.checkpoint = _scan_for_plan(path) if cfg.plan else checkpoint.scan(path)
+            try:
+                config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+            except (ValueError, KeyError) as err:
+                raise checkpoint.CheckpointError(f"{path / 'config.json'}: {err}") from None
         ctx.model_config = config
 
         if cfg.dtype.name == DtypeName.auto:
@@ -68,7 +74,8 @@ class ConfigMerge(Stage):
         requested = requested_quantization(cfg.quant, ctx.dtype)
         saved_q = getattr(config, "quantization_config", None)
         facts: dict[str, Any] = {
-            "checkpoint": ctx.checkpoint.to_record(),
+            "checkpoint": ctx.checkpoint.to_record() if ctx.checkpoint else None,
+            "architecture_from": "model YAML" if path is None else "config.json",
             "dtype": str(ctx.dtype).removeprefix("torch."),
         }
         if saved_q is not None and AutoHfQuantizer.supports_quant_method(
@@ -90,6 +97,32 @@ class ConfigMerge(Stage):
         facts["architecture_from_checkpoint"] = _arch_overrides(cfg.model.architecture, config)
         facts["trust_remote_code"] = cfg.model.trust_remote_code
         return facts
+
+
+def architecture_config(model: ModelConfig) -> Any:
+    """The config a checkpoint of this model would carry, from the model YAML's `architecture:`; its dtype is
+    `model.synthetic.dtype` (each model YAML sets it to the real checkpoint's) unless the architecture names one."""
+    arch = dict(model.architecture)
+    if not arch.get("model_type"):
+        raise checkpoint.CheckpointError(
+            f"model={model.name}: no local checkpoint and no model.architecture.model_type to plan from; add the "
+            f"architecture to conf/model/{model.name}.yaml or pass model.path=DIR"
+        )
+    try:
+        config = AutoConfig.for_model(**arch)
+    except (ValueError, KeyError, TypeError) as err:
+        raise checkpoint.CheckpointError(f"model.architecture of model={model.name}: {err}") from None
+    if "dtype" not in arch and "torch_dtype" not in arch:
+        config.dtype = torch_dtype(model.synthetic.dtype, "model.synthetic.dtype")
+    return config
+
+
+def _scan_for_plan(path: Any) -> checkpoint.Checkpoint | None:
+    """The checkpoint's shards when they are here too (a hub cache may hold config.json alone)."""
+    try:
+        return checkpoint.scan(path)
+    except checkpoint.CheckpointError:
+        return None
 
 
 def _arch_overrides(yaml_arch: dict, config: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import torch
 from transformers.integrations.accelerate import check_and_set_device_map
 
 from pipeline.context import LoadContext
+from pipeline.offload import check_quantized_offload
 from pipeline.schema import DeviceMapConfig, Policy
 from stages.base import Stage
 
@@ -42,6 +43,22 @@ def devices() -> dict[str, Any]:
     return {"cuda": True, "gpus": gpus, "cuda_version": torch.version.cuda}
 
 
+def absent_gpus(dm: DeviceMapConfig, plan: bool) -> list[int]:
+    """GPU indices the budget or the explicit map names that this machine lacks: an error for a load, the
+    machine being planned for in a plan."""
+    named = {int(k) for k in (dm.max_memory or {}) if str(k).isdigit()}
+    named |= {int(v) for v in (dm.map or {}).values() if str(v).isdigit()}
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    absent = sorted(i for i in named if i >= here)
+    if absent and not plan:
+        valid = f"valid: {', '.join(map(str, range(here)))}, cpu, disk" if here else "valid here: cpu, disk"
+        raise ValueError(
+            f"device_map names GPU {', '.join(map(str, absent))}, but this machine has {here} GPU(s) ({valid}); "
+            "to plan a layout for another machine without loading, add plan=true"
+        )
+    return absent
+
+
 class EnvCheck(Stage):
     kind = "env_check"
 
@@ -51,7 +68,12 @@ class EnvCheck(Stage):
             "python": platform.python_version(),
             "devices": devices(),
         }
+        absent = absent_gpus(ctx.cfg.device_map, ctx.cfg.plan)
+        if absent:
+            facts["planned_gpus_not_here"] = absent
         requested = check_and_set_device_map(requested_map(ctx.cfg.device_map))
+        if isinstance(requested, dict):
+            check_quantized_offload(requested, ctx.quantizer, ctx.cfg.quant, "device_map.map")
         if ctx.quantizer is not None:
             # raises with transformers' own message when bitsandbytes or its backend for this device is missing
             ctx.quantizer.validate_environment(device_map=requested, weights_only=True)

@@ -38,7 +38,9 @@ class MetaSkeleton(Stage):
 
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         config = copy.deepcopy(ctx.require("model_config", self.kind))
-        config.name_or_path = str(ctx.require("checkpoint", self.kind).path)
+        # a plan may have no checkpoint here: the skeleton comes from the architecture alone
+        files = [str(f) for f in ctx.checkpoint.files] if ctx.checkpoint else []
+        config.name_or_path = str(ctx.checkpoint.path) if ctx.checkpoint else ctx.cfg.model.hub_id or ctx.cfg.model.name
         cls = causal_lm_class(config, ctx.cfg.model.trust_remote_code)
         with ContextManagers(cls.get_init_context(ctx.dtype, ctx.quantizer is not None, False, None)):
             model = cls(config)
@@ -47,7 +49,7 @@ class MetaSkeleton(Stage):
                     model=model,
                     dtype=ctx.dtype,
                     device_map=ctx.requested_device_map,
-                    checkpoint_files=[str(f) for f in ctx.checkpoint.files],
+                    checkpoint_files=files,
                     use_kernels=False,
                 )
         ctx.model = model

@@ -1,0 +1,94 @@
+"""What the bounded streamer's CPU kernels cost in memory beyond their inputs and outputs, measured here.
+
+The fast kernels (stages/stream/kernels.py) are compiled by torch.compile on their first call: that call
+raises RSS by tens of MB while inductor runs, and leaves part of it resident (compiled code, imports). Later
+calls hold a working set of their own (a float32 staging buffer and inductor's temporaries per chunk),
+independent of the tensor's size past a few chunks. Neither follows from the tensor sizes, and on a small
+model both outweigh the weights, so a plan measures them by quantizing a random probe tensor, no weight,
+twice, with a fast RSS sampler.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from pipeline.measure import ru_maxrss_bytes
+
+PROBE_SHAPE = (4096, 1024)  # four of the kernels' 2**20-element chunks: past it the working set stays flat
+
+
+@dataclass
+class KernelCost:
+    """RSS a kernel adds beyond its input and outputs: on its first call, kept after it, on each later call."""
+
+    first_call_bytes: int
+    resident_bytes: int
+    working_set_bytes: int
+    probe_elements: int
+
+    def working_set(self, numel: int) -> int:
+        """The working set for a tensor of `numel` elements: flat past the probe's size, smaller below it."""
+        return int(self.working_set_bytes * min(1.0, numel / self.probe_elements))
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.__dict__.items()}
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _peak_during(fn: Callable[[], Any]) -> tuple[int, int, Any]:
+    """(RSS at start, peak RSS while fn ran, fn's result). Sampled every 0.2 ms (a kernel call lasts ms);
+    compiling spikes for less than that, which the kernel's high-water mark catches when it sets a new one."""
+    maxrss_before = ru_maxrss_bytes()
+    start = _rss()
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.0002):
+            peak[0] = max(peak[0], _rss())
+
+    thread = threading.Thread(target=sample, daemon=True, name="plan-probe-rss")
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    maxrss_after = ru_maxrss_bytes()
+    kernel_peak = maxrss_after if maxrss_after > maxrss_before else 0
+    return start, max(peak[0], _rss(), kernel_peak), result
+
+
+def _nbytes(out: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in out if isinstance(t, torch.Tensor))
+
+
+def probe(kind: str, dtype: torch.dtype, blocksize: int = 64, quant_type: str = "nf4") -> KernelCost:
+    """Measure the fast CPU kernel for `kind` ('4bit' or 'int8') on a random probe tensor of `dtype`."""
+    from stages.stream import kernels
+
+    def call() -> Any:
+        if kind == "int8":
+            return kernels.int8_vectorwise_quant(x.to(torch.float16))
+        return kernels.quantize_4bit(x, blocksize, quant_type)
+
+    x = torch.randn(PROBE_SHAPE, dtype=torch.float32).to(dtype)
+    cast = x.numel() * 2 if kind == "int8" and dtype != torch.float16 else 0
+    start, peak, out = _peak_during(call)
+    outputs = _nbytes(out)
+    first = peak - start - outputs - cast
+    del out
+    resident = _rss() - start
+    start, peak, out = _peak_during(call)
+    working = peak - start - _nbytes(out) - cast
+    del out
+    return KernelCost(max(first, 0), max(resident, 0), max(working, 0), x.numel())

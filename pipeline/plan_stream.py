@@ -1,0 +1,168 @@
+"""The bounded streamer's load replayed on sizes alone: what each device holds, tensor by tensor.
+
+The streamer (stages/stream/bounded.py) reads tensors in file order, each shard's keys sorted, with up to
+`prefetch` tensors queued and one more held by the reader thread; it converts the current tensor (cast,
+quantize on the fly, place) and frees the full-precision copy before taking the next. So while tensor i is
+converted the process holds: the RSS it started with, everything placed before i, tensor i as read, what
+converting it allocates (its stored form, its quantization state, a cast copy, the kernel's working set, or
+on the first CPU-quantized tensor the kernel's compilation), and the `prefetch + 1` tensors read ahead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+from pipeline import synthetic
+from pipeline.context import LoadContext
+from pipeline.offload import device_of
+from pipeline.plan_probe import KernelCost
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+@dataclass
+class Read:
+    """One checkpoint tensor as the streamer meets it (dtype None: not a float)."""
+
+    key: str
+    numel: int
+    itemsize: int
+    dtype: torch.dtype | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass
+class Replay:
+    """What the replay found: resident bytes per device, peaks per device, and where the host peak falls."""
+
+    resident: Counter = field(default_factory=Counter)
+    quant_state: Counter = field(default_factory=Counter)
+    peak: Counter = field(default_factory=Counter)
+    peak_at: str = ""
+    largest_transient: tuple[str, int] = ("", 0)
+
+
+def read_order(ctx: LoadContext) -> list[Read]:
+    """The tensors in the order the streamer reads them: the checkpoint's headers when it is here, else the
+    layout a `save_pretrained` checkpoint of this architecture has (shards of `model.synthetic.shard_size`)."""
+    if ctx.checkpoint is not None:
+        reads = []
+        for shard in ctx.checkpoint.files:
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    name = sl.get_dtype()
+                    reads.append(Read(key, math.prod(sl.get_shape()), _ITEMSIZE.get(name, 2), _DTYPES.get(name)))
+        return reads
+    dtype = ctx.model_config.dtype if isinstance(ctx.model_config.dtype, torch.dtype) else torch.float16
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    max_bytes = synthetic.parse_size(ctx.cfg.model.synthetic.shard_size, "model.synthetic.shard_size")
+    shards = synthetic.split_shards(synthetic.tensor_plan(ctx.model_config), itemsize, max_bytes)
+    return [Read(k, math.prod(s), itemsize, dtype) for shard in shards for k, s in sorted(shard)]
+
+
+def quant_state_bytes(param: Any, numel: int) -> int:
+    """Bytes of quantization state a quantized weight keeps beside its data, which get_memory_footprint
+    does not count: absmax per block (4-bit; 8-bit absmax plus a second-level state when double-quantized),
+    the 16-entry code, or int8's per-row scale."""
+    if hasattr(param, "blocksize") and hasattr(param, "compress_statistics"):
+        blocks = -(-numel // param.blocksize)
+        if param.compress_statistics:
+            return blocks + 4 * -(-blocks // 256) + 4 + 64
+        return 4 * blocks + 64
+    if type(param).__name__ == "Int8Params":
+        return 4 * param.shape[0]
+    return 0
+
+
+def replay(
+    ctx: LoadContext,
+    reads: list[Read],
+    base: int,
+    prefetch: int,
+    kernels: dict[str, KernelCost],
+    device_map: dict[str, Any] | None = None,
+) -> Replay:
+    """Replay the bounded streamer over `reads`; `base` is the process RSS before the stream, `kernels` the
+    measured cost of each fast CPU kernel ('4bit', 'int8') the load uses, `device_map` ctx's unless given."""
+    model, quantizer, dtype = ctx.model, ctx.quantizer, ctx.dtype
+    device_map = ctx.device_map if device_map is None else device_map
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    mapping = get_model_conversion_mapping(model, None, None)
+    renamings = [w for w in mapping if isinstance(w, WeightRenaming)]
+    converters = [w for w in mapping if isinstance(w, WeightConverter)]
+    out = Replay()
+    out.peak["cpu"] = base
+    kernel_resident = 0
+    used: set[str] = set()  # kernels already compiled
+    seen: set[str] = set()
+    compute_itemsize = torch.empty((), dtype=dtype).element_size()
+    for i, r in enumerate(reads):
+        target, _ = rename_source_key(r.key, renamings, converters, model.base_model_prefix, expected)
+        param = expected.get(target)
+        if param is None:
+            continue
+        seen.add(target)
+        device = str(device_of(device_map, target.rpartition(".")[0]))
+        on_host = device == "cpu"
+        quantized = (
+            quantizer is not None and not quantizer.pre_quantized and quantizer.param_needs_quantization(model, target)
+        )
+        compiling = 0
+        if quantized:
+            stored = int(r.numel * quantizer.param_element_size(model, target, param))
+            state = quant_state_bytes(param, r.numel)
+            kind = "int8" if type(param).__name__ == "Int8Params" else "4bit"
+            # cast to the compute dtype and moved to the device first: a copy unless both already match
+            convert = stored + state + (r.numel * compute_itemsize if r.dtype != dtype or not on_host else 0)
+            if getattr(param, "compress_statistics", False):  # float32 absmax, then absmax - offset, then shrunk
+                convert += 2 * 4 * -(-r.numel // param.blocksize)
+            if on_host and kind in kernels:
+                convert += kernels[kind].working_set(r.numel)
+                # the first call compiles the kernel: its cost replaces the working set, once
+                compiling = (
+                    kernels[kind].first_call_bytes - kernels[kind].working_set(r.numel) if kind not in used else 0
+                )
+                used.add(kind)
+        else:
+            target_dtype = param.dtype if (param.is_floating_point() and r.dtype is not None) else r.dtype
+            stored = r.numel * (param.element_size() if target_dtype is param.dtype else r.itemsize)
+            state = 0
+            # on the CPU in its own dtype, the tensor as read becomes the parameter: nothing new is allocated
+            convert = 0 if (on_host and target_dtype == r.dtype) else stored
+        ahead = sum(x.nbytes for x in reads[i + 1 : i + 2 + prefetch])
+        host = base + out.resident["cpu"] + out.quant_state["cpu"] + kernel_resident + r.nbytes + ahead
+        if on_host:
+            host += convert + compiling
+        elif device != "disk":
+            gpu = out.resident[device] + out.quant_state[device] + convert
+            out.peak[device] = max(out.peak[device], gpu)
+        if host > out.peak["cpu"]:
+            out.peak["cpu"], out.peak_at = host, r.key
+        if r.nbytes + convert > out.largest_transient[1]:
+            out.largest_transient = (r.key, r.nbytes + convert)
+        out.resident[device] += stored
+        out.quant_state[device] += state
+        if on_host and quantized and kind in kernels and not kernel_resident:
+            kernel_resident = kernels[kind].resident_bytes
+    # what no checkpoint holds (non-persistent buffers such as rotary tables) is made when the load finishes
+    for name, tensor in expected.items():
+        if name not in seen:
+            out.resident[str(device_of(device_map, name.rpartition(".")[0]))] += tensor.numel() * tensor.element_size()
+    for device in set(out.resident) - {"disk"}:
+        out.peak[device] = max(out.peak[device], out.resident[device] + out.quant_state[device])
+    end = base + out.resident["cpu"] + out.quant_state["cpu"] + kernel_resident
+    out.peak["cpu"] = max(out.peak["cpu"], end)
+    return out
