@@ -49,14 +49,14 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     rec: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": []}
     ctx: LoadContext | None = None
     failure: BaseException | None = None
-    kind = "config"
+    kind, plan = "config", bool(cfg.get("plan", False))  # a config recorded before plan= existed: a load
     with track() as total:
         try:
             ctx = LoadContext(cfg=OmegaConf.to_object(cfg))  # runs the schemas' cross-field checks
             # every stage is built, a plan's too: the plan's process then imports what the load's would
             stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
-            steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if cfg.plan else STAGE_KINDS)]
-            steps += [("plan", "pipeline.plan.Plan", Plan(cfg.stages.stream))] if cfg.plan else []
+            steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if plan else STAGE_KINDS)]
+            steps += [("plan", "pipeline.plan.Plan", Plan(cfg.stages.stream))] if plan else []
             for kind, target, stage in steps:
                 entry = {"stage": kind, "target": target, "status": "failed"}
                 try:
@@ -67,7 +67,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
                     entry.update(metrics=m.to_dict(), facts=ctx.facts.get(kind, {}))
                     rec["stages"].append(entry)
                     record.append_jsonl(out_dir / "stages.jsonl", entry)
-            rec["status"] = "planned" if cfg.plan else "ok"
+            rec["status"] = "planned" if plan else "ok"
         except KeyboardInterrupt:
             rec.update(status="interrupted", failed_stage=kind)
         except Exception as err:  # recorded, then raised as a StageError below
@@ -80,7 +80,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
             )
     rec["total"] = total.to_dict() | {"ru_maxrss_mb": round(ru_maxrss_bytes() / 2**20, 1)}
     rec["footprint_bytes"] = ctx.facts.get("postprocess", {}).get("footprint_bytes") if ctx else None
-    if cfg.plan:
+    if plan:
         rec["plan"] = summary(ctx.facts["plan"]) if rec["status"] == "planned" else None
     rec["checkpoint"] = ctx.facts.get("config_merge", {}).get("checkpoint") if ctx else None
     rec.update(git=record.git_state(), host=record.host(), config=OmegaConf.to_container(cfg, resolve=True))
@@ -93,4 +93,4 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
         raise KeyboardInterrupt
     if rec["status"] not in ("ok", "planned"):
         raise StageError(rec["failed_stage"], failure)
-    return (None if cfg.plan else ctx.model), rec
+    return (None if plan else ctx.model), rec

@@ -22,6 +22,7 @@ from transformers.integrations import accelerate as hf_accelerate
 from pipeline.context import LoadContext
 from pipeline.offload import check_no_quantized_on_disk, check_quantized_offload, compact_names, device_of
 from pipeline.plan_format import gib
+from pipeline.schema import Policy
 from stages.base import Stage
 
 
@@ -102,6 +103,11 @@ class AccelerateDeviceMap(Stage):
             "budget_bytes": {str(k): int(v) for k, v in (budget or {}).items()} or None,
         }
         over = [m for m, d in ctx.device_map.items() if d == "disk"]
+        if over and not cfg.device_map.offload_folder and cfg.device_map.policy == Policy.explicit:
+            raise ValueError(
+                f"device_map.map sends {compact_names(over)} to disk, but device_map.offload_folder is not set; "
+                "set it to a folder for the offloaded weights (DIR), or map those modules to cpu or a GPU"
+            )
         if over and not cfg.device_map.offload_folder:
             facts["does_not_fit"] = shortfall(over, module_sizes, budget, cfg)
             if not cfg.plan:
