@@ -186,7 +186,7 @@ class Kernel(str, Enum):
 @dataclass
 class BoundedStreamConfig(StreamConfig):
     kernel: Kernel = Kernel.auto
-    prefetch: int = 2  # tensors read ahead while the current one is quantized; 0 reads in line
+    prefetch: int = 0  # tensors read ahead on a thread while the current one is quantized; 0 reads in line
 
 
 @dataclass

@@ -36,7 +36,7 @@ from stages.stream.reader import read_tensors
 
 
 class BoundedStreamer(StreamStage):
-    def __init__(self, progress: bool = True, kernel: str = "auto", prefetch: int = 2) -> None:
+    def __init__(self, progress: bool = True, kernel: str = "auto", prefetch: int = 0) -> None:
         super().__init__(progress)
         kernel = getattr(kernel, "value", kernel)
         if kernel not in KERNELS:
