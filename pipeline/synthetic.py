@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -24,6 +22,7 @@ from accelerate.utils import convert_file_size_to_int
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.dtypes import SAFETENSORS_DTYPE, torch_dtype
+from pipeline.publish import building
 
 FORMAT_VERSION = 1
 
@@ -111,10 +110,7 @@ def materialize(name: str, architecture: dict, synthetic: dict, cache_dir: Path)
     shards = split_shards(plan, torch.empty((), dtype=dtype).element_size(), max_bytes)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    with building(target) as partial:
         weight_map, total = {}, 0
         n = len(shards)
         for i, tensors in enumerate(shards, 1):
@@ -127,11 +123,4 @@ def materialize(name: str, architecture: dict, synthetic: dict, cache_dir: Path)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config.save_pretrained(partial)
-        try:
-            partial.rename(target)
-        except OSError:  # another process finished the same checkpoint first: theirs is as good
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return target

@@ -10,7 +10,6 @@ import sys
 from pipeline.schema import STAGE_KINDS
 from tests.conftest import REPO
 
-
 # Runs the CLI and reports its max RSS as the kernel kept it. The go-between matters: a process started
 # straight from pytest inherits pytest's own high-water mark across fork and exec.
 MAXRSS = (
