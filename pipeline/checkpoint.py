@@ -32,6 +32,8 @@ class Checkpoint:
     files: list[Path]
     weight_map: dict[str, str] = field(default_factory=dict)
     fingerprint: str = ""
+    # every tensor name in the shards, read from their headers by `scan`
+    tensor_names: set[str] = field(default_factory=set)
 
     def to_record(self) -> dict:
         return {
@@ -121,8 +123,10 @@ def scan(path: Path) -> Checkpoint:
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{index}: names shard(s) that are not in the folder: {', '.join(missing)}")
+    tensor_names: set[str] = set()
     for f in files:
         names = shard_tensors(f)
+        tensor_names |= names
         if weight_map:
             unlisted = sorted(n for n in names if weight_map.get(n) != f.name)
             absent = sorted(k for k, v in weight_map.items() if v == f.name and k not in names)
@@ -137,7 +141,7 @@ def scan(path: Path) -> Checkpoint:
                     + ("; " if unlisted and absent else "")
                     + (f"lacks {len(absent)} tensor(s) the index puts here, e.g. {absent[0]}" if absent else "")
                 )
-    return Checkpoint(path=path, files=files, weight_map=weight_map, fingerprint=fingerprint(path, files))
+    return Checkpoint(path, files, weight_map, fingerprint(path, files), tensor_names)
 
 
 def shard_tensors(path: Path) -> set[str]:

@@ -15,7 +15,6 @@ from typing import Any
 
 import bitsandbytes as bnb
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
@@ -156,12 +155,8 @@ class _PrequantizedGroups:
         self.suffixes = sorted(
             (s for names in ctx.quantizer.serialized_names.values() for s in names), key=len, reverse=True
         )
-        keys: set[str] = set()
-        for shard in ctx.checkpoint.files:
-            with safe_open(shard, framework="pt", device="cpu", backend="pread") as f:
-                keys.update(f.keys())
         self.expected: dict[str, set[str]] = {}
-        for key in keys:
+        for key in ctx.checkpoint.tensor_names:
             split = self._split(key)
             if split:
                 self.expected.setdefault(split[0], set()).add(split[1])
