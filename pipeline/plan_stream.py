@@ -20,7 +20,7 @@ from safetensors import safe_open
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-from pipeline import synthetic
+from pipeline import checkpoint, synthetic
 from pipeline.context import LoadContext
 from pipeline.offload import device_of
 from pipeline.plan_probe import KernelCost
@@ -60,6 +60,13 @@ def read_order(ctx: LoadContext) -> list[Read]:
     if ctx.checkpoint is not None:
         reads = []
         for shard in ctx.checkpoint.files:
+            if ctx.checkpoint.format == checkpoint.PICKLE:  # memory-mapped: sizes and dtypes, no data read
+                tensors = checkpoint.load_pickle(shard)
+                for key, t in sorted(tensors.items()):
+                    dtype = t.dtype if t.dtype in _DTYPES.values() else None
+                    reads.append(Read(key, t.numel(), t.element_size(), dtype))
+                del tensors
+                continue
             with safe_open(shard, framework="pt", device="cpu") as f:
                 for key in f.keys():
                     sl = f.get_slice(key)

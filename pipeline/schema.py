@@ -69,7 +69,8 @@ class ModelConfig:
     hub_id: str | None = None
     revision: str | None = None
     path: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run Python code shipped in the model repo (auto_map); recorded
+    allow_pickle: bool = False  # load pickle weights (*.bin) when no safetensors exist; pickle can run code
     architecture: dict[str, Any] = field(default_factory=dict)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -190,6 +191,12 @@ class BoundedStreamConfig(StreamConfig):
 
 
 @dataclass
+class PostprocessConfig(StageConfig):
+    # checkpoint tensors the model has no place for mean another model or size; true: record and load anyway
+    allow_unexpected_keys: bool = False
+
+
+@dataclass
 class VerifyConfig(StageConfig):
     """Quality after load: perplexity on a bundled text, logits against the unquantized reference."""
 
@@ -240,3 +247,4 @@ def register() -> None:
         cs.store(group=f"stages/{kind}", name="schema", node=StreamConfig if kind == "stream" else StageConfig)
     cs.store(group="stages/stream", name="bounded_schema", node=BoundedStreamConfig)
     cs.store(group="stages/verify", name="logits_schema", node=VerifyConfig)
+    cs.store(group="stages/postprocess", name="finalize_schema", node=PostprocessConfig)

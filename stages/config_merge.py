@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, BitsAndBytesConfig
+import transformers
+from transformers import CONFIG_MAPPING, AutoConfig, BitsAndBytesConfig
 from transformers.quantizers.auto import AutoHfQuantizer
 
 from pipeline import checkpoint
@@ -58,11 +61,11 @@ class ConfigMerge(Stage):
         if path is None:
             config = architecture_config(cfg.model)
         else:
-            ctx.checkpoint = _scan_for_plan(path) if cfg.plan else checkpoint.scan(path)
-            try:
-                config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-            except (ValueError, KeyError) as err:
-                raise checkpoint.CheckpointError(f"{path / 'config.json'}: {err}") from None
+            allow_pickle = cfg.model.allow_pickle
+            ctx.checkpoint = (
+                _scan_for_plan(path, allow_pickle) if cfg.plan else checkpoint.scan(path, allow_pickle=allow_pickle)
+            )
+            config = read_config(path, cfg.model.trust_remote_code)
         ctx.model_config = config
 
         if cfg.dtype.name == DtypeName.auto:
@@ -78,9 +81,9 @@ class ConfigMerge(Stage):
             "architecture_from": "model YAML" if path is None else "config.json",
             "dtype": str(ctx.dtype).removeprefix("torch."),
         }
-        if saved_q is not None and AutoHfQuantizer.supports_quant_method(
-            saved_q if isinstance(saved_q, dict) else saved_q.to_dict()
-        ):
+        if saved_q is not None:
+            where = str(path / "config.json") if path is not None else f"model.architecture of model={cfg.model.name}"
+            _check_saved_quantization(saved_q, cfg.quant, where)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # we record what was ignored instead of warning about it
                 merged = AutoHfQuantizer.merge_quantization_configs(saved_q, requested)
@@ -97,6 +100,57 @@ class ConfigMerge(Stage):
         facts["architecture_from_checkpoint"] = _arch_overrides(cfg.model.architecture, config)
         facts["trust_remote_code"] = cfg.model.trust_remote_code
         return facts
+
+
+def read_config(path: Path, trust_remote_code: bool) -> Any:
+    """config.json through AutoConfig; an unknown architecture or code the repo ships is named as such."""
+    where = path / "config.json"
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as err:
+        try:
+            raw = json.loads(where.read_text())
+        except ValueError:
+            raise checkpoint.CheckpointError(f"{where}: not valid JSON ({err})") from None
+        model_type = raw.get("model_type")
+        if raw.get("auto_map") and not trust_remote_code:
+            raise checkpoint.CheckpointError(
+                f"{where}: model_type={model_type!r} comes with Python code of its own (auto_map: "
+                f"{', '.join(raw['auto_map'].values())}), which runs only with model.trust_remote_code=true; "
+                "read that code before you allow it"
+            ) from None
+        if model_type not in CONFIG_MAPPING:
+            raise checkpoint.CheckpointError(
+                f"{where}: model_type={model_type!r} is not an architecture transformers {transformers.__version__} "
+                "knows (e.g. llama, mistral, qwen2); upgrade transformers, or check that this is a Hugging Face "
+                "model folder"
+            ) from None
+        raise checkpoint.CheckpointError(f"{where}: {type(err).__name__}: {err}") from None
+
+
+def _check_saved_quantization(saved: Any, quant: QuantConfig, where: str) -> None:
+    """A checkpoint saved quantized: refuse a method transformers does not know, and a bitsandbytes request
+    on weights another method quantized (they cannot be quantized again)."""
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    method = saved.get("quant_method")
+    if saved.get("load_in_4bit") or saved.get("load_in_8bit"):
+        method = "bitsandbytes"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        known = method is not None and AutoHfQuantizer.supports_quant_method(saved)
+    if not known:
+        raise checkpoint.CheckpointError(
+            f"{where}: quantization_config.quant_method={method!r} is not a quantization method transformers "
+            f"{transformers.__version__} knows (e.g. bitsandbytes, gptq, awq); remove quantization_config if the "
+            "weights are not quantized, or upgrade transformers"
+        )
+    if not str(method).startswith("bitsandbytes") and quant.method != QuantMethod.none:
+        raise checkpoint.CheckpointError(
+            f"{where}: the checkpoint is already quantized with {method} (quantization_config.quant_method), and "
+            f"quant={quant.name} asks for bitsandbytes; quantized weights cannot be quantized again. Load them "
+            f"as saved with quant=none stages/stream=transformers ({method}'s own backend installed), or point "
+            "model.path at the full-precision weights"
+        )
 
 
 def architecture_config(model: ModelConfig) -> Any:
@@ -117,12 +171,12 @@ def architecture_config(model: ModelConfig) -> Any:
     return config
 
 
-def _scan_for_plan(path: Any) -> checkpoint.Checkpoint | None:
-    """The checkpoint's shards when they are here too (a hub cache may hold config.json alone)."""
-    try:
-        return checkpoint.scan(path)
-    except checkpoint.CheckpointError:
+def _scan_for_plan(path: Any, allow_pickle: bool) -> checkpoint.Checkpoint | None:
+    """The checkpoint's shards when they are here too (a hub cache may hold config.json alone); weights that
+    are here but would be refused by a load are refused by the plan too."""
+    if not any(p.suffix in {".safetensors", ".bin"} for p in Path(path).iterdir()):
         return None
+    return checkpoint.scan(path, allow_pickle=allow_pickle)
 
 
 def _arch_overrides(yaml_arch: dict, config: Any) -> dict[str, Any]:

@@ -59,6 +59,21 @@ def absent_gpus(dm: DeviceMapConfig, plan: bool) -> list[int]:
     return absent
 
 
+def check_backend(ctx: LoadContext, requested: Any, facts: dict[str, Any]) -> None:
+    """transformers' own check that bitsandbytes is installed and has a backend for a device here, its
+    message prefixed with what was asked, what is installed and the two ways out."""
+    try:
+        ctx.quantizer.validate_environment(device_map=requested, weights_only=True)
+    except (ImportError, RuntimeError) as err:
+        here = "cuda, cpu" if facts["devices"]["cuda"] else "cpu"
+        installed = facts["versions"].get("bitsandbytes") or "not installed"
+        raise RuntimeError(
+            f"quant={ctx.cfg.quant.name} needs bitsandbytes with a backend for a device here ({here}); "
+            f"bitsandbytes: {installed}. Fix: pip install -U 'bitsandbytes>=0.48' (CPU support), or load "
+            f"unquantized with quant=none. transformers says: {err}"
+        ) from None
+
+
 class EnvCheck(Stage):
     kind = "env_check"
 
@@ -75,8 +90,7 @@ class EnvCheck(Stage):
         if isinstance(requested, dict):
             check_quantized_offload(requested, ctx.quantizer, ctx.cfg.quant, "device_map.map")
         if ctx.quantizer is not None:
-            # raises with transformers' own message when bitsandbytes or its backend for this device is missing
-            ctx.quantizer.validate_environment(device_map=requested, weights_only=True)
+            check_backend(ctx, requested, facts)
             requested = ctx.quantizer.update_device_map(requested)
             facts["bnb_backend"] = "cuda" if torch.cuda.is_available() else "cpu"
         ctx.requested_device_map = requested

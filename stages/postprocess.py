@@ -14,16 +14,35 @@ from stages.base import Stage
 class Finalize(Stage):
     kind = "postprocess"
 
+    def __init__(self, allow_unexpected_keys: bool = False) -> None:
+        self.allow_unexpected_keys = allow_unexpected_keys
+
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         model = ctx.require("model", self.kind)
         load_config = ctx.require("load_config", self.kind)
+        loading_info = ctx.require("loading_info", self.kind)
+        if loading_info.mismatched_keys:  # transformers' own loader: said here as the bounded streamer says it
+            name, found, wanted = sorted(loading_info.mismatched_keys)[0]
+            raise CheckpointError(
+                f"{ctx.checkpoint.path}: {len(loading_info.mismatched_keys)} tensor(s) do not fit the model built "
+                f"from config.json, e.g. {name!r} is {tuple(found)}, the model expects {tuple(wanted)}; does "
+                "config.json belong to these weights?"
+            )
         # ties weights, materializes non-persistent buffers (rotary tables), settles missing/unexpected keys
-        info = type(model)._finalize_model_loading(model, load_config, ctx.require("loading_info", self.kind))
+        info = type(model)._finalize_model_loading(model, load_config, loading_info)
         missing = sorted(info.missing_keys)
         if missing:
             raise CheckpointError(
                 f"{ctx.checkpoint.path}: {len(missing)} weight(s) of the model are not in the checkpoint, e.g. "
                 f"{', '.join(missing[:3])}; refusing to leave them randomly initialized"
+            )
+        # tensors the model has no place for (after transformers' own ignore rules, e.g. old rotary buffers)
+        unexpected = sorted(info.unexpected_keys)
+        if unexpected and not self.allow_unexpected_keys:
+            raise CheckpointError(
+                f"{ctx.checkpoint.path}: {len(unexpected)} tensor(s) in the checkpoint have no place in the model "
+                f"built from config.json, e.g. {', '.join(unexpected[:3])}; the weights belong to another model or "
+                "size. To load anyway and record them: stages.postprocess.allow_unexpected_keys=true"
             )
         devices = set(ctx.device_map.values())
         dispatched = len(devices) > 1 or "disk" in devices
@@ -42,7 +61,6 @@ class Finalize(Stage):
         model.eval()
         return {
             "footprint_bytes": model.get_memory_footprint(),
-            "unexpected_keys": sorted(info.unexpected_keys)[:20],
-            "mismatched_keys": [str(k) for k in sorted(info.mismatched_keys)[:20]],
+            "unexpected_keys": unexpected[:20],
             "dispatch_hooks": dispatched,
         }

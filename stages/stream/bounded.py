@@ -4,8 +4,9 @@ Memory stays near the quantized model plus a tensor or two: tensors are read wit
 instead of through a memory map, so no page of a shard stays resident in the process once its tensor is
 quantized; at most `prefetch` tensors wait in memory, read ahead on a thread while the current one is
 quantized. Quantizing uses our byte-identical CPU kernels or transformers' own ops (quantize.py);
-deserializing a pre-quantized checkpoint uses transformers' ops; so the weights are the ones
-`from_pretrained` produces.
+deserializing a pre-quantized checkpoint uses transformers' ops (prequantized.py); so the weights are the
+ones `from_pretrained` produces. Pickle shards (`model.allow_pickle=true`) are memory-mapped instead, and
+may stay resident up to a shard's size while it is read (reader.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.context import LoadContext
 from stages.stream.base import StreamStage
 from stages.stream.memory import return_freed_memory
+from stages.stream.prequantized import PrequantizedGroups
 from stages.stream.quantize import KERNELS, quantize
 from stages.stream.reader import read_tensors
 
@@ -61,7 +63,7 @@ class BoundedStreamer(StreamStage):
         mapping = get_model_conversion_mapping(model, None, None)
         renamings = [w for w in mapping if isinstance(w, WeightRenaming)]
         converters = [w for w in mapping if isinstance(w, WeightConverter)]
-        groups = _PrequantizedGroups(ctx) if ctx.pre_quantized else None
+        groups = PrequantizedGroups(ctx) if ctx.pre_quantized else None
         offload_index: dict = {}
 
         def place(name: str, value: torch.Tensor) -> None:
@@ -100,8 +102,6 @@ class BoundedStreamer(StreamStage):
             stats["done_s"] = round(time.perf_counter() - t0, 4)
             bar.update(nbytes)
         bar.close()
-        if groups is not None:
-            groups.check_complete()
         ctx.loading_info, ctx.disk_offload_index = info, (offload_index or None)
         per_shard = list(shard_stats.values())
         return {
@@ -144,54 +144,3 @@ def _planned_dtype(dtype_plan: dict, name: str) -> torch.dtype | None:
         if re.search(pattern, name):
             return dtype
     return None
-
-
-class _PrequantizedGroups:
-    """Collects a pre-quantized weight and its companion tensors (absmax, quant map, SCB, ...) until the
-    module's set is complete, then rebuilds the quantized parameter with the quantizer's deserialize op."""
-
-    def __init__(self, ctx: LoadContext) -> None:
-        self.ctx = ctx
-        self.suffixes = sorted(
-            (s for names in ctx.quantizer.serialized_names.values() for s in names), key=len, reverse=True
-        )
-        self.expected: dict[str, set[str]] = {}
-        for key in ctx.checkpoint.tensor_names:
-            split = self._split(key)
-            if split:
-                self.expected.setdefault(split[0], set()).add(split[1])
-        # a module is quantized in the checkpoint only if some companion beside its weight is stored
-        self.expected = {m: s for m, s in self.expected.items() if s - {"weight"}}
-        self.pending: dict[str, dict[str, torch.Tensor]] = {}
-
-    def _split(self, key: str) -> tuple[str, str] | None:
-        for s in self.suffixes:
-            if key.endswith("." + s):
-                return key[: -len(s) - 1], s
-        return None
-
-    def claims(self, key: str) -> bool:
-        split = self._split(key)
-        return split is not None and split[0] in self.expected
-
-    def add(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        module, suffix = self._split(key)
-        name = f"{module}.weight"
-        device = get_device(self.ctx.load_config.device_map, name, valid_torch_device=True)
-        group = self.pending.setdefault(module, {})
-        group[suffix] = tensor.to(device)
-        if set(group) != self.expected[module]:
-            return {}
-        del self.pending[module]
-        op = self.ctx.quantizer.get_load_operations()["deserialize"](self.ctx.quantizer)
-        out = op.convert(group, model=self.ctx.model, full_layer_name=name)
-        return {f"{module}.{k}": v for k, v in out.items()}
-
-    def check_complete(self) -> None:
-        if self.pending:
-            module, have = next(iter(self.pending.items()))
-            missing = sorted(self.expected[module] - set(have))
-            raise CheckpointError(
-                f"pre-quantized checkpoint: {len(self.pending)} module(s) lack quantization state, e.g. "
-                f"{module} has no {', '.join(missing)}"
-            )

@@ -1,7 +1,14 @@
-"""Tensors out of safetensors shards, one at a time, read ahead on a thread while the caller works.
+"""Tensors out of checkpoint shards, one at a time, read ahead on a thread while the caller works.
 
-Reads use safetensors' `pread` backend rather than a memory map: a mapped shard keeps every page it
+Safetensors reads use the `pread` backend rather than a memory map: a mapped shard keeps every page it
 touched resident in the process until it is closed, which for a 10 GB shard is 10 GB of RSS.
+
+Pickle shards (`pytorch_model*.bin`, read only with model.allow_pickle=true) have no such backend: they are
+loaded with `torch.load(mmap=True, weights_only=True)`, so nothing but tensors is unpickled and the data is
+mapped, not copied, and each tensor is copied out of the mapping as it is handed on. The pages a shard's
+tensors touched stay mapped until the shard is done (its dict is dropped before the next shard is opened):
+unlike safetensors, a pickle shard may stay resident up to its size. Those pages are clean file pages, which
+the kernel can reclaim under pressure, but they count in RSS.
 """
 
 from __future__ import annotations
@@ -14,14 +21,31 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from pipeline.checkpoint import load_pickle
+
 _DONE = object()
 
 
 def _tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
     for shard in files:
+        if shard.suffix == ".bin":
+            yield from _pickle_tensors(shard)
+            continue
         with safe_open(shard, framework="pt", device="cpu", backend="pread") as f:
             for key in f.keys():
                 yield shard, key, f.get_tensor(key)
+
+
+def _pickle_tensors(shard: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """A pickle shard's tensors in sorted key order (as safetensors lists them), each an owned copy: a view
+    would keep the whole file's mapping alive in the model, and two keys sharing storage (tied weights)
+    would alias."""
+    tensors = load_pickle(shard)
+    try:
+        for key in sorted(tensors):
+            yield shard, key, tensors[key].clone(memory_format=torch.contiguous_format)
+    finally:
+        del tensors  # the last view of the mapping: unmapped here, before the next shard is opened
 
 
 def read_tensors(files: list[Path], prefetch: int) -> Iterator[tuple[Path, str, torch.Tensor]]:

@@ -2,6 +2,10 @@
 
 It loads into the same skeleton with the same device map, so swapping `stages/stream` between this and
 the bounded streamer compares the loaders alone.
+
+Pickle shards (model.allow_pickle=true) it reads itself, by the file suffix: transformers 5's
+`load_state_dict` calls `torch.load(weights_only=True)`, memory-mapped for zip-format files, and maps every
+shard before loading any tensor, so a pickle checkpoint may stay resident up to its whole size here.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from typing import Any
 
 from pipeline.context import LoadContext
 from stages.stream.base import StreamStage
+from stages.stream.prequantized import is_bnb, stored_state
 
 
 class TransformersStreamer(StreamStage):
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         model = ctx.require("model", self.kind)
+        if ctx.pre_quantized and is_bnb(ctx.quantizer):
+            stored_state(ctx)  # every quantized layer's state is in the checkpoint, checked before reading
         ctx.load_config = self.load_config(ctx)
         if not self.progress:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

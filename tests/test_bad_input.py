@@ -1,0 +1,434 @@
+"""Bad input in one table: each case runs the CLI's own code (Hydra's main, the load process's body, the exit
+status and the message it prints), and the checkpoint it pointed at is byte-identical afterwards.
+
+The fast test runs the load process's body in this process (its `multiprocessing` hops replaced by a call);
+the slow one runs every case that needs no patching through `python -m pipeline` itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import CONF_DIR, isolate
+from pipeline.schema import STAGE_KINDS
+from tests.conftest import REPO
+from tests.test_checkpoints import ARCH, SYN
+
+COMPOSE = None  # refused while Hydra composes the config: no stage ran, no run.json
+CONFIG = "config"  # refused by the schemas' cross-field checks or the stage builder, before the first stage
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]  # CLI overrides; every case also gets model.path=<a copy of the checkpoint>
+    stage: str | None  # the failed_stage run.json names
+    message: str  # a piece of the message on stderr
+    breaks: Callable[[Path], None] | None = None  # breaks the copy before the run
+    base: str = "plain"  # plain: a tiny fp16 checkpoint; nf4: the same model saved quantized
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None  # in-process only (e.g. a backend missing)
+
+
+def shards(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def edit_json(name: str, change: Callable[[dict], dict]) -> Callable[[Path], None]:
+    def breaks(path: Path) -> None:
+        data = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps(change(data)))
+
+    return breaks
+
+
+def rewrite_tensor(change: Callable[[str, torch.Tensor], torch.Tensor | None], shard: int = 0):
+    """Rewrite one shard with `change` applied to each tensor (None drops it); the index follows."""
+
+    def breaks(path: Path) -> None:
+        file = shards(path)[shard]
+        tensors = {k: change(k, t) for k, t in load_file(file).items()}
+        kept = {k: t for k, t in tensors.items() if t is not None}
+        save_file(kept, file, metadata={"format": "pt"})
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            edit_json(
+                index.name,
+                lambda d: d | {"weight_map": {k: v for k, v in d["weight_map"].items() if v != file.name or k in kept}},
+            )(path)
+
+    return breaks
+
+
+def write_bytes(change: Callable[[bytes], bytes], shard: int = 0) -> Callable[[Path], None]:
+    def breaks(path: Path) -> None:
+        file = shards(path)[shard]
+        file.write_bytes(change(file.read_bytes()))
+
+    return breaks
+
+
+def drop_last_shard(path: Path) -> None:
+    """The last shard and its index entries gone: the model lacks those weights."""
+    last = shards(path)[-1]
+    edit_json(
+        "model.safetensors.index.json",
+        lambda d: d | {"weight_map": {k: v for k, v in d["weight_map"].items() if v != last.name}},
+    )(path)
+    last.unlink()
+
+
+def no_bitsandbytes(mp: pytest.MonkeyPatch) -> None:
+    from transformers.quantizers import quantizer_bnb_4bit
+
+    mp.setattr(quantizer_bnb_4bit, "is_bitsandbytes_available", lambda: False)
+
+
+def bitsandbytes_for_cuda_only(mp: pytest.MonkeyPatch) -> None:
+    import bitsandbytes
+
+    mp.setattr(bitsandbytes, "supported_torch_devices", {"cuda"}, raising=False)
+
+
+LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+REMOTE = {"model_type": "x_custom", "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+
+
+def to_pickle(path: Path) -> None:
+    """The safetensors shards re-saved as pickle (`pytorch_model.bin`), as old checkpoints ship."""
+    tensors = {k: v for shard in shards(path) for k, v in load_file(shard).items()}
+    for f in [*shards(path), path / "model.safetensors.index.json"]:
+        f.unlink()
+    torch.save(tensors, path / "pytorch_model.bin")
+
+
+NO_ABSMAX = rewrite_tensor(lambda k, t: None if k.endswith("q_proj.weight.absmax") else t)
+
+CASES = [
+    # config and environment
+    Case("quant-type", ["quant.bnb_4bit_quant_type=nf5"], COMPOSE, "Invalid value 'nf5', expected one of [nf4, fp4]"),
+    Case("quant-option", ["quant=nf5"], COMPOSE, "Could not find 'quant/nf5'"),
+    Case("dtype", ["dtype.name=fp8"], COMPOSE, "expected one of [fp16, bf16, fp32, auto]"),
+    Case("policy", ["device_map.policy=everywhere"], COMPOSE, "expected one of [auto, balanced, balanced_low_0"),
+    Case("unknown-key", ["model.sourec=synthetic"], COMPOSE, "Key 'sourec' not in 'ModelConfig'"),
+    Case("4bit-and-8bit", ["quant.load_in_8bit=true"], COMPOSE, "Key 'load_in_8bit' not in 'QuantConfig'"),
+    Case(
+        "double-quant-int8",
+        ["quant=int8", "quant.bnb_4bit_use_double_quant=true"],
+        CONFIG,
+        "quant.bnb_4bit_use_double_quant=true contradicts quant.method=bnb_8bit",
+    ),
+    Case(
+        "malformed-size",
+        ["device_map.max_memory={cpu: 80GiBs}"],
+        CONFIG,
+        "device_map.max_memory.cpu='80GiBs' is not a size",
+    ),
+    Case(
+        "absent-gpu",
+        ["device_map.max_memory={7: 24GiB, cpu: 64GiB}"],
+        "env_check",
+        "device_map names GPU 7, but this machine has",
+    ),
+    Case("over-budget", ["quant=none", "device_map.max_memory={cpu: 100KB}"], "device_map", "does not fit"),
+    Case(
+        "4bit-offload",
+        ["device_map=explicit", "device_map.map={model: cpu, lm_head: disk}"],
+        "env_check",
+        "quant.llm_int8_enable_fp32_cpu_offload=true",
+    ),
+    Case("backend-missing", [], "env_check", "quant=nf4 needs bitsandbytes", patch=no_bitsandbytes),
+    Case("backend-device", [], "env_check", "a backend for a device here (cpu)", patch=bitsandbytes_for_cuda_only),
+    # security
+    Case(
+        "target-os-system",
+        ["stages.stream._target_=os.system"],
+        CONFIG,
+        "only stage classes from this project's `stages` package",
+    ),
+    Case("target-eval", ["stages.verify._target_=builtins.eval"], CONFIG, "only stage classes from this project"),
+    Case(
+        "remote-code",
+        [],
+        "config_merge",
+        "runs only with model.trust_remote_code=true",
+        breaks=edit_json("config.json", lambda d: d | REMOTE),
+    ),
+    # checkpoints
+    Case("no-config", [], "config_merge", "no config.json there", breaks=lambda p: (p / "config.json").unlink()),
+    Case(
+        "unknown-arch",
+        [],
+        "config_merge",
+        "model_type='brand_new_arch' is not an architecture",
+        breaks=edit_json("config.json", lambda d: d | {"model_type": "brand_new_arch"}),
+    ),
+    Case(
+        "not-a-causal-lm",
+        [],
+        "preprocess",
+        "model_type='vit' has no causal-LM class",
+        breaks=edit_json("config.json", lambda d: d | {"model_type": "vit"}),
+    ),
+    Case(
+        "lfs-pointer",
+        [],
+        "config_merge",
+        "a Git LFS pointer, not weights; run `git lfs pull`",
+        breaks=write_bytes(lambda b: LFS, shard=1),
+    ),
+    Case("truncated", [], "config_merge", "truncated: the header needs", breaks=write_bytes(lambda b: b[:-100])),
+    Case(
+        "corrupt-header",
+        [],
+        "config_merge",
+        "corrupt safetensors header",
+        breaks=write_bytes(lambda b: struct.pack("<Q", 9) + b"{not json"),
+    ),
+    Case(
+        "header-too-long",
+        [],
+        "config_merge",
+        "header length 1000000000000 does not fit",
+        breaks=write_bytes(lambda b: struct.pack("<Q", 10**12) + b"{}"),
+    ),
+    Case("trailing-bytes", [], "config_merge", "16 trailing bytes", breaks=write_bytes(lambda b: b + b"\0" * 16)),
+    Case(
+        "pickle-weights",
+        [],
+        "config_merge",
+        "unpickling a file can run arbitrary code hidden in it.\n  Fix: model.allow_pickle=true",
+        breaks=to_pickle,
+    ),
+    Case(
+        "index-missing-shard",
+        [],
+        "config_merge",
+        "names shard(s) that are not in the folder",
+        breaks=lambda p: shards(p)[-1].unlink(),
+    ),
+    Case(
+        "unlisted-tensor",
+        [],
+        "config_merge",
+        "holds 1 tensor(s) the index does not list here",
+        breaks=edit_json(
+            "model.safetensors.index.json", lambda d: d | {"weight_map": dict(list(d["weight_map"].items())[1:])}
+        ),
+    ),
+    Case(
+        "wrong-shape",
+        ["quant=none"],
+        "stream",
+        "the model built from config.json expects",
+        breaks=edit_json("config.json", lambda d: d | {"intermediate_size": 192}),
+    ),
+    Case(
+        "wrong-shape-transformers",
+        ["quant=none", "stages/stream=transformers"],
+        "postprocess",
+        "tensor(s) do not fit the model built from config.json",
+        breaks=edit_json("config.json", lambda d: d | {"intermediate_size": 192}),
+    ),
+    Case(
+        "wrong-dtype",
+        [],
+        "stream",
+        "torch.int32, the model built from config.json expects",
+        breaks=rewrite_tensor(lambda k, t: t.to(torch.int32) if "proj" in k else t),
+    ),
+    Case(
+        "missing-keys",
+        [],
+        "postprocess",
+        "refusing to leave them randomly initialized",
+        breaks=drop_last_shard,
+    ),
+    Case(
+        "unexpected-keys",
+        [],
+        "postprocess",
+        "have no place in the model built from config.json",
+        breaks=edit_json("config.json", lambda d: d | {"num_hidden_layers": 1}),
+    ),
+    Case(
+        "prequantized-gptq",
+        ["quant=nf4"],
+        "config_merge",
+        "already quantized with gptq",
+        breaks=edit_json("config.json", lambda d: d | {"quantization_config": GPTQ}),
+    ),
+    Case(
+        "unknown-quant-method",
+        ["quant=none"],
+        "config_merge",
+        "quant_method='foo' is not a quantization method",
+        breaks=edit_json("config.json", lambda d: d | {"quantization_config": {"quant_method": "foo"}}),
+    ),
+    Case(
+        "missing-quant-state",
+        ["quant=none"],
+        "stream",
+        "lack their quantization state",
+        base="nf4",
+        breaks=NO_ABSMAX,
+    ),
+    Case(
+        "missing-quant-state-transformers",
+        ["quant=none", "stages/stream=transformers"],
+        "stream",
+        "lack their quantization state",
+        base="nf4",
+        breaks=NO_ABSMAX,
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    """The checkpoints the cases break copies of: tiny fp16 (several shards), and the same saved in nf4."""
+    from pipeline import compose, synthetic
+    from pipeline.runner import run
+
+    root = tmp_path_factory.mktemp("bases")
+    plain = synthetic.materialize("t", ARCH, SYN, root / "cache")
+    model, _ = run(compose([f"model.path={plain}", "quant=nf4", "stages.stream.progress=false"]), root / "run")
+    model.save_pretrained(root / "nf4")
+    return {"plain": plain, "nf4": root / "nf4"}
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def broken_copy(case: Case, bases: dict[str, Path], tmp_path: Path) -> Path:
+    path = tmp_path / "ckpt"
+    shutil.copytree(bases[case.base], path)
+    if case.breaks:
+        case.breaks(path)
+    return path
+
+
+class InProcess:
+    """`multiprocessing`'s Process, run to its end in this process when started: the load process's body,
+    its records and exit status, without a fresh interpreter."""
+
+    def __init__(self, target: Callable, args: tuple = (), name: str | None = None) -> None:
+        self.target, self.args, self.exitcode = target, args, None
+
+    def start(self) -> None:
+        sigint = signal.getsignal(signal.SIGINT)  # the go-between ignores Ctrl-C; not in pytest's process
+        try:
+            self.target(*self.args)
+            self.exitcode = 0
+        except SystemExit as done:
+            self.exitcode = done.code if isinstance(done.code, int) else 1
+        finally:
+            signal.signal(signal.SIGINT, sigint)
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+def cli_in_process(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.__main__ import main
+
+    monkeypatch.setattr(isolate._SPAWN, "Process", InProcess)
+    # imported rather than run as __main__, Hydra needs the config folder spelled out
+    # and Hydra's logging setup is left out, so that it does not stay on in pytest's process
+    logging = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
+    monkeypatch.setattr(sys, "argv", ["pipeline", "--config-path", str(CONF_DIR), *logging, *args])
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as done:
+        main()
+    out = capsys.readouterr()
+    return done.value.code, out.out + out.err
+
+
+def check_record(case: Case, run_dir: Path) -> None:
+    if case.stage is COMPOSE:
+        assert not (run_dir / "run.json").exists()
+        return
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and record["failed_stage"] == case.stage
+    assert case.message in record["error"]
+    jsonl = run_dir / "stages.jsonl"
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    finished = [s["stage"] for s in lines if s["status"] == "ok"]
+    assert finished == list(STAGE_KINDS[: STAGE_KINDS.index(case.stage)] if case.stage != CONFIG else [])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_fails_with_its_message_and_status_and_changes_nothing(
+    case, bases, tmp_path, cache_dir, monkeypatch, capsys
+):
+    ckpt = broken_copy(case, bases, tmp_path)
+    before = digest(ckpt)
+    if case.patch:
+        case.patch(monkeypatch)
+    run_dir = tmp_path / "run"
+    args = [
+        f"hydra.run.dir={run_dir}",
+        f"cache_dir={cache_dir}",
+        "stages.stream.progress=false",
+        f"model.path={ckpt}",
+        *case.args,
+    ]
+    status, out = cli_in_process(monkeypatch, capsys, args)
+    assert status == isolate.EXIT_LOAD_FAILED, out
+    assert case.message in out
+    if case.stage not in (COMPOSE, CONFIG):
+        assert f"error: stage {case.stage} failed: " in out
+    check_record(case, run_dir)
+    assert digest(ckpt) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if not c.patch], ids=[c.id for c in CASES if not c.patch])
+def test_bad_input_through_the_real_cli(case, bases, tmp_path, cache_dir):
+    ckpt = broken_copy(case, bases, tmp_path)
+    before = digest(ckpt)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            f"hydra.run.dir={run_dir}",
+            f"cache_dir={cache_dir}",
+            "stages.stream.progress=false",
+            f"model.path={ckpt}",
+            *case.args,
+        ],
+        cwd=REPO,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == isolate.EXIT_LOAD_FAILED, proc.stdout + proc.stderr
+    assert case.message in proc.stderr
+    check_record(case, run_dir)
+    assert digest(ckpt) == before
+
+
+def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_says_so(load):
+    _, record, _ = load()
+    assert record["config"]["model"]["trust_remote_code"] is False
+    assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["trust_remote_code"] is False
