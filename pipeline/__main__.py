@@ -1,7 +1,9 @@
 """`python -m pipeline [group=option ...] [key=value ...]`: load a model as the config says, record the run.
 
 Each run (and each job of a `-m` sweep) loads in a fresh process (`pipeline.isolate`), so this process stays
-small and every record's peak memory is that load's own.
+small and every record's peak memory is that load's own. Exit status: 0 ok, 1 a stage failed, 3 the prompt's
+generation failed, 4 a run record could not be written (disk full, out of memory), 130 interrupted (Ctrl-C),
+128+N the load was killed by signal N (137: SIGKILL, e.g. the OOM killer).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schema
-from pipeline.isolate import JobFailed, run_isolated
+from pipeline.isolate import EXIT_INTERRUPTED, JobFailed, run_isolated
 
 schema.register()
 
@@ -26,11 +28,11 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     job_logging = OmegaConf.to_container(hydra_cfg.job_logging, resolve=True) if hydra_cfg.job_logging else None
     outcome = run_isolated(cfg, out_dir, job_logging=job_logging)
-    where = f"record: {out_dir / 'run.json'}"
+    where = f"record: {out_dir / 'run.json'}" if outcome.written else f"record: not written ({out_dir / 'run.json'})"
     if outcome.ok:
         print(where)
         return
-    if hydra_cfg.mode != RunMode.MULTIRUN:
+    if hydra_cfg.mode != RunMode.MULTIRUN or outcome.exit_status == EXIT_INTERRUPTED:  # Ctrl-C ends a sweep too
         print(f"\nerror: {outcome.message}\n{where}", file=sys.stderr)
         sys.exit(outcome.exit_status)
     job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"

@@ -37,6 +37,7 @@ from pipeline import record
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 1  # a stage failed; run.json says which and why
 EXIT_GENERATION_FAILED = 3  # loaded, then the prompt's generation failed; run.json has `generation.error`
+EXIT_RECORD_FAILED = 4  # a run record could not be written (disk full, out of memory); the error names the file
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 _SPAWN = multiprocessing.get_context("spawn")
@@ -53,11 +54,13 @@ class JobFailed(CompactHydraException):
 
 @dataclass
 class Outcome:
-    """How an isolated load ended: the load process's exit status, a one-line reason, and run.json."""
+    """How an isolated load ended: the load process's exit status, a one-line reason, and run.json (`written`:
+    whether it is on disk; a record neither process could write exists only here)."""
 
     exit_status: int
     message: str
     record: dict[str, Any]
+    written: bool = True
 
     @property
     def ok(self) -> bool:
@@ -80,16 +83,24 @@ def run_isolated(
     payload = pickle.dumps((cfg, out_dir, job_logging, os.getpid(), extra or {}))
     hop = _SPAWN.Process(target=_go_between, args=(payload,), name="qload-go-between")
     hop.start()
+    interrupted = False
     try:
         hop.join()
     except KeyboardInterrupt:
-        hop.join()  # the load saw the same Ctrl-C: let it record the interruption before we stop too
-        raise
+        interrupted = True
+        hop.join()  # the load saw the same Ctrl-C (a terminal's goes to the whole group): let it record that
     status = _exit_status(hop.exitcode)
+    if interrupted and status != EXIT_INTERRUPTED:
+        raise KeyboardInterrupt  # the load had ended before it saw the Ctrl-C (or never got one): ours to raise
     rec = json.loads(path.read_text()) if path.exists() and _identity(path) != stale else None
-    if rec is None:
-        rec = _crash_record(cfg, out_dir, f"the load process ended without a record: {_describe(status)}")
-        status = status or EXIT_LOAD_FAILED
+    if rec is not None:
+        return Outcome(status, _message(status, rec), rec)
+    status = status or EXIT_LOAD_FAILED
+    rec = _crash_record(cfg, out_dir, f"the load process ended without a record: {_describe(status)}")
+    try:
+        record.write_json_atomic(path, rec)
+    except record.RecordError as err:
+        return Outcome(status, f"{_message(status, rec)}; {err}", rec, written=False)
     return Outcome(status, _message(status, rec), rec)
 
 
@@ -110,6 +121,8 @@ def _exit_status(code: int | None) -> int:
 
 
 def _describe(status: int) -> str:
+    if status == EXIT_RECORD_FAILED:
+        return f"exit status {status}: it could not write its run record (its error is on stderr)"
     if status > 128 and status != EXIT_INTERRUPTED:
         name = signal.Signals(status - 128).name if status - 128 in signal.valid_signals() else "?"
         hint = " (out of memory?)" if name == "SIGKILL" else ""
@@ -121,7 +134,12 @@ def _message(status: int, rec: dict) -> str:
     if status == EXIT_OK:
         return "ok"
     if status == EXIT_INTERRUPTED:
-        return f"interrupted in stage {rec.get('failed_stage')}"
+        return f"interrupted in stage {rec['failed_stage']}" if rec.get("failed_stage") else "interrupted"
+    if status == EXIT_RECORD_FAILED:
+        error = str(rec.get("error"))  # run.json names the file the load could not write; else its stderr does
+        if error.startswith("RecordError: "):
+            return error.removeprefix("RecordError: ")
+        return f"the load process could not write its run record (exit status {status}; its error is on stderr)"
     if status == EXIT_GENERATION_FAILED:
         return f"loaded, but generating from the prompt failed: {rec.get('generation', {}).get('error')}"
     if rec.get("status") == "failed" and rec.get("failed_stage"):
@@ -149,12 +167,17 @@ def _load(payload: bytes) -> None:
     from pipeline.runner import StageError, run  # torch and transformers load here, not in the caller
 
     status, model = EXIT_OK, None
+    path = out_dir / "run.json"
     try:
         model, _ = run(cfg, out_dir)
     except StageError:
         status = EXIT_LOAD_FAILED
     except KeyboardInterrupt:
         status = EXIT_INTERRUPTED
+    except record.RecordError as err:
+        if err.path == path:  # else run.json says it, and the caller prints it from there
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_RECORD_FAILED)
     process = {
         "pid": os.getpid(),
         "go_between_pid": os.getppid(),
@@ -164,12 +187,18 @@ def _load(payload: bytes) -> None:
     }
     additions: dict[str, Any] = {"process": process, **extra}
     if model is not None and cfg.prompt:
-        additions["generation"] = _generate(model, cfg.prompt, cfg.max_new_tokens)
+        try:
+            additions["generation"] = _generate(model, cfg.prompt, cfg.max_new_tokens)
+        except KeyboardInterrupt:
+            additions["generation"] = {"prompt": cfg.prompt, "error": "interrupted"}
         if "error" in additions["generation"]:
-            status = EXIT_GENERATION_FAILED
-    path = out_dir / "run.json"
+            status = EXIT_INTERRUPTED if additions["generation"]["error"] == "interrupted" else EXIT_GENERATION_FAILED
     if path.exists():
-        record.write_json_atomic(path, json.loads(path.read_text()) | additions)
+        try:
+            record.write_json_atomic(path, json.loads(path.read_text()) | additions)
+        except record.RecordError as err:  # run.json stays as the runner wrote it
+            print(f"error: {err}", file=sys.stderr)
+            status = EXIT_RECORD_FAILED
     sys.stdout.flush()
     sys.exit(status)
 
@@ -193,8 +222,7 @@ def _crash_record(cfg: DictConfig, out_dir: Path, reason: str) -> dict[str, Any]
     """The run.json the load could not write: every stage it finished (from stages.jsonl) and why it ended."""
     from pipeline.schema import STAGE_KINDS
 
-    lines = out_dir / "stages.jsonl"
-    stages = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()] if lines.exists() else []
+    stages = _finished_stages(out_dir / "stages.jsonl")
     done = [s["stage"] for s in stages if s.get("status") == "ok"]
     failed_stage = next((k for k in STAGE_KINDS if k not in done), None) or "after the load"
     rec = {
@@ -209,5 +237,22 @@ def _crash_record(cfg: DictConfig, out_dir: Path, reason: str) -> dict[str, Any]
         "host": record.host(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    record.write_json_atomic(out_dir / "run.json", rec)
     return rec
+
+
+def _finished_stages(path: Path) -> list[dict[str, Any]]:
+    """The whole lines of a stages.jsonl (a regular file only: a link to a device such as /dev/full reads
+    forever)."""
+    try:
+        if not path.is_file():
+            return []
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    stages = []
+    for line in lines:
+        try:
+            stages.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # an append cut short: the stage's line never finished
+    return [s for s in stages if isinstance(s, dict) and "stage" in s]

@@ -1,10 +1,14 @@
 """Run records: `stages.jsonl` grows a line as each stage ends; `run.json` is written once, atomically.
 
-A crash or a kill therefore leaves every finished stage on disk and never a half-written `run.json`.
+A crash or a kill therefore leaves every finished stage on disk and never a half-written `run.json`. When
+a record cannot be written (disk full, out of memory), both writers raise RecordError, naming the file and
+the OS error, and leave neither a partial line nor a temporary file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import platform
@@ -27,25 +31,87 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+class RecordError(RuntimeError):
+    """A run record could not be written: the disk is full, memory ran out, the folder cannot be written."""
+
+    def __init__(self, path: Path, error: BaseException, note: str = "") -> None:
+        self.path, self.error = Path(path), error
+        super().__init__(f"cannot write the run record {path}: {_reason(error)}{f' ({note})' if note else ''}")
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, MemoryError):
+        return "out of memory (MemoryError); free memory and run again"
+    if not isinstance(error, OSError) or error.errno is None:
+        return f"{type(error).__name__}: {error}"
+    hint = "free space or" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder or"
+    return f"[Errno {error.errno}] {error.strerror}; {hint} choose another hydra.run.dir"
+
+
+def _serialize(data: Any, indent: int | None = None) -> bytes:
+    return (json.dumps(data, indent=indent, default=_json_default) + "\n").encode()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temporary file in the same folder, fsync, then rename over the target: the target is either
+    the old file or the whole new one. Raises RecordError, leaving no temporary file, if it cannot."""
+    tmp = None
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
+        text = _serialize(data, indent=2)  # before any file exists: running out of memory here leaves nothing
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the record from others sharing a runs/ folder
+        try:
+            _write_all(fd, text)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except (OSError, MemoryError) as err:
+        _discard(tmp)
+        raise RecordError(path, err) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _discard(tmp)
         raise
 
 
+def _discard(tmp: str | None) -> None:
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def start_jsonl(path: Path) -> None:
+    """Empty `path` for a new run: lines a run left in a folder used before are not this run's stages."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    except OSError as err:
+        raise RecordError(path, err) from err
+
+
 def append_jsonl(path: Path, entry: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(entry, default=_json_default) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line and fsync. Raises RecordError if it cannot, after cutting off any part of the line it
+    wrote, so that every line in the file stays whole JSON."""
+    try:
+        line = _serialize(entry)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                _write_all(fd, line)
+            except OSError:
+                with contextlib.suppress(OSError):  # a device (/dev/full) cannot be cut; nothing reached it anyway
+                    os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
+    except (OSError, MemoryError) as err:
+        raise RecordError(path, err) from err
 
 
 def git_state(repo: Path = REPO) -> dict[str, Any]:

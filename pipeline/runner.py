@@ -44,33 +44,28 @@ def build_stage(kind: str, node: DictConfig) -> Stage:
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     """Load the model `cfg` describes (with plan=true: plan it, returning no model); write `stages.jsonl` and
-    `run.json` into `out_dir`."""
+    `run.json` into `out_dir`. Raises StageError when a stage fails, KeyboardInterrupt when interrupted, and
+    record.RecordError when a record cannot be written (the run stops at the first stage it cannot record)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    journal = out_dir / "stages.jsonl"
     rec: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": []}
     ctx: LoadContext | None = None
     failure: BaseException | None = None
     kind, plan = "config", bool(cfg.get("plan", False))  # a config recorded before plan= existed: a load
     with track() as total:
         try:
+            record.start_jsonl(journal)
             ctx = LoadContext(cfg=OmegaConf.to_object(cfg))  # runs the schemas' cross-field checks
             # every stage is built, a plan's too: the plan's process then imports what the load's would
             stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
             steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if plan else STAGE_KINDS)]
             steps += [("plan", "pipeline.plan.Plan", Plan(cfg.stages.stream))] if plan else []
             for kind, target, stage in steps:
-                entry = {"stage": kind, "target": target, "status": "failed"}
-                try:
-                    with track() as m:
-                        ctx.facts[kind] = stage(ctx) or {}
-                    entry["status"] = "ok"
-                finally:
-                    entry.update(metrics=m.to_dict(), facts=ctx.facts.get(kind, {}))
-                    rec["stages"].append(entry)
-                    record.append_jsonl(out_dir / "stages.jsonl", entry)
+                run_stage(ctx, kind, target, stage, rec, journal)
             rec["status"] = "planned" if plan else "ok"
         except KeyboardInterrupt:
             rec.update(status="interrupted", failed_stage=kind)
-        except Exception as err:  # recorded, then raised as a StageError below
+        except Exception as err:  # recorded, then raised as a StageError (or the RecordError) below
             failure = err
             rec.update(
                 status="failed",
@@ -85,12 +80,52 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     rec["checkpoint"] = ctx.facts.get("config_merge", {}).get("checkpoint") if ctx else None
     rec.update(git=record.git_state(), host=record.host(), config=OmegaConf.to_container(cfg, resolve=True))
     rec["versions"] = ctx.facts.get("env_check", {}).get("versions") if ctx else None
-    record.write_json_atomic(out_dir / "run.json", rec)
+    try:
+        record.write_json_atomic(out_dir / "run.json", rec)
+    except record.RecordError as err:
+        failure = record.RecordError(err.path, err.error, note=_ending(rec))
     print(record.format_table(rec["stages"], rec["total"]))
     if rec["status"] == "planned":
         print(describe(ctx.facts["plan"]))
+    if isinstance(failure, record.RecordError):
+        raise failure
     if rec["status"] == "interrupted":
         raise KeyboardInterrupt
     if rec["status"] not in ("ok", "planned"):
         raise StageError(rec["failed_stage"], failure)
     return (None if plan else ctx.model), rec
+
+
+def run_stage(ctx: LoadContext, kind: str, target: str, stage: Stage, rec: dict, journal: Path) -> None:
+    """Run one stage, measured; when it ends, ok or failed, its entry goes to `rec` and a line to the journal.
+    An interrupted stage did not end: it gets neither. If its line cannot be written the run stops there with
+    the RecordError, unless the stage itself failed: that failure stays the run's error."""
+    entry: dict[str, Any] = {"stage": kind, "target": target, "status": "failed"}
+    failure = None
+    with track() as m:
+        try:
+            ctx.facts[kind] = stage(ctx) or {}
+            entry["status"] = "ok"
+        except Exception as err:
+            failure = err
+    entry.update(metrics=m.to_dict(), facts=ctx.facts.get(kind, {}))
+    rec["stages"].append(entry)
+    try:
+        record.append_jsonl(journal, entry)
+    except record.RecordError as err:
+        if failure is None:
+            raise
+        rec["record_error"] = str(err)
+    if failure is not None:
+        raise failure
+
+
+def _ending(rec: dict) -> str:
+    """How the run had ended, for a RecordError about its run.json."""
+    if rec["status"] in ("ok", "planned"):
+        return f"the run itself ended {rec['status']}"
+    if rec["status"] == "interrupted":
+        return f"the run had been interrupted in stage {rec['failed_stage']}"
+    if rec["error"].startswith("RecordError: "):
+        return f"the run had stopped at stage {rec['failed_stage']}: {rec['error'].removeprefix('RecordError: ')}"
+    return f"the run had failed: stage {rec['failed_stage']} failed: {rec['error']}"
