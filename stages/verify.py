@@ -50,6 +50,8 @@ class LogitsVerify(Stage):
         max_new_tokens: int = 16,
     ) -> None:
         self.text = Path(text).expanduser() if text else EVAL_TEXT
+        if not self.text.is_file():  # said before the load, not after it
+            raise ValueError(f"stages.verify.text={text}: no such file; give a UTF-8 text file")
         self.max_tokens, self.random_tokens, self.seed = max_tokens, random_tokens, seed
         self.reference, self.prompt, self.max_new_tokens = reference, prompt, max_new_tokens
 
@@ -87,8 +89,6 @@ class LogitsVerify(Stage):
         except (OSError, ValueError, TypeError):
             tokenizer = None
         if tokenizer is not None:
-            if not self.text.is_file():
-                raise FileNotFoundError(f"stages.verify.text={self.text}: no such file; give a UTF-8 text file")
             ids = tokenizer(self.text.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
             ids = ids[: self.max_tokens]
             if len(ids) < 2:

@@ -35,7 +35,7 @@ CONFIG = "config"  # refused by the schemas' cross-field checks or the stage bui
 @dataclass
 class Case:
     id: str
-    args: list[str]  # CLI overrides; every case also gets model.path=<a copy of the checkpoint>
+    args: list[str]  # CLI overrides (CKPT: the broken copy's folder); every case gets model.path=<the copy>
     stage: str | None  # the failed_stage run.json names
     message: str  # a piece of the message on stderr
     breaks: Callable[[Path], None] | None = None  # breaks the copy before the run
@@ -89,6 +89,22 @@ def drop_last_shard(path: Path) -> None:
         lambda d: d | {"weight_map": {k: v for k, v in d["weight_map"].items() if v != last.name}},
     )(path)
     last.unlink()
+
+
+def with_tokenizer_and_text(text: str) -> Callable[[Path], None]:
+    """A word-level tokenizer saved beside the weights (so the verify stage reads text) and a text file."""
+
+    def breaks(path: Path) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        words = {w: i for i, w in enumerate(["[UNK]", "once", "upon", "a", "time"])}
+        tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+        (path / "eval.txt").write_text(text)
+
+    return breaks
 
 
 def no_bitsandbytes(mp: pytest.MonkeyPatch) -> None:
@@ -167,6 +183,14 @@ CASES = [
         "config_merge",
         "runs only with model.trust_remote_code=true",
         breaks=edit_json("config.json", lambda d: d | REMOTE),
+    ),
+    Case("verify-text-missing", ["stages/verify=logits", "stages.verify.text=CKPT/none.txt"], CONFIG, "no such file"),
+    Case(
+        "verify-text-too-short",
+        ["stages/verify=logits", "stages.verify.text=CKPT/eval.txt"],
+        "verify",
+        "1 token(s); need at least 2",
+        breaks=with_tokenizer_and_text("once"),
     ),
     # checkpoints
     Case("no-config", [], "config_merge", "no config.json there", breaks=lambda p: (p / "config.json").unlink()),
@@ -270,6 +294,13 @@ CASES = [
         ["quant=nf4"],
         "config_merge",
         "already quantized with gptq",
+        breaks=edit_json("config.json", lambda d: d | {"quantization_config": GPTQ}),
+    ),
+    Case(
+        "prequantized-gptq-as-saved",
+        ["quant=none"],
+        "quantizer",
+        "Loading a GPTQ quantized model requires optimum",
         breaks=edit_json("config.json", lambda d: d | {"quantization_config": GPTQ}),
     ),
     Case(
@@ -388,7 +419,7 @@ def test_bad_input_fails_with_its_message_and_status_and_changes_nothing(
         f"cache_dir={cache_dir}",
         "stages.stream.progress=false",
         f"model.path={ckpt}",
-        *case.args,
+        *(a.replace("CKPT", str(ckpt)) for a in case.args),
     ]
     status, out = cli_in_process(monkeypatch, capsys, args)
     assert status == isolate.EXIT_LOAD_FAILED, out
@@ -414,7 +445,7 @@ def test_bad_input_through_the_real_cli(case, bases, tmp_path, cache_dir):
             f"cache_dir={cache_dir}",
             "stages.stream.progress=false",
             f"model.path={ckpt}",
-            *case.args,
+            *(a.replace("CKPT", str(ckpt)) for a in case.args),
         ],
         cwd=REPO,
         env=os.environ | {"HF_HUB_OFFLINE": "1"},
@@ -432,3 +463,7 @@ def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_s
     _, record, _ = load()
     assert record["config"]["model"]["trust_remote_code"] is False
     assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["trust_remote_code"] is False
+
+
+def test_the_table_fails_a_run_in_every_stage():
+    assert set(STAGE_KINDS) <= {c.stage for c in CASES}
