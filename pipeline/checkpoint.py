@@ -164,14 +164,9 @@ def scan(path: Path, allow_pickle: bool = False) -> Checkpoint:
     tensor_names: set[str] = set()
     layouts: list[bytes] = []
     for f in files:
-        if fmt == PICKLE:
-            tensors = load_pickle(f)  # memory-mapped: the keys, dtypes and shapes cost no data read
-            names = set(tensors)
-            layouts.append(json.dumps({k: [str(t.dtype), list(t.shape)] for k, t in sorted(tensors.items())}).encode())
-            del tensors
-        else:
-            names = shard_tensors(f)
+        names, layout = pickle_layout(f) if fmt == PICKLE else shard_tensors(f)
         tensor_names |= names
+        layouts.append(layout)
         if weight_map:
             unlisted = sorted(n for n in names if weight_map.get(n) != f.name)
             absent = sorted(k for k, v in weight_map.items() if v == f.name and k not in names)
@@ -186,7 +181,7 @@ def scan(path: Path, allow_pickle: bool = False) -> Checkpoint:
                     + ("; " if unlisted and absent else "")
                     + (f"lacks {len(absent)} tensor(s) the index puts here, e.g. {absent[0]}" if absent else "")
                 )
-    digest = fingerprint(path, files) if fmt == SAFETENSORS else _pickle_fingerprint(path, files, layouts)
+    digest = fingerprint(path, index, files, layouts, salt=b"pickle" if fmt == PICKLE else b"")
     return Checkpoint(path, files, weight_map, digest, tensor_names, fmt)
 
 
@@ -248,8 +243,16 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def shard_tensors(path: Path) -> set[str]:
-    """The tensor names of a safetensors file, after checking that its header and size agree.
+def pickle_layout(path: Path) -> tuple[set[str], bytes]:
+    """A pickle shard's tensor names and its layout (names, dtypes, shapes: what a safetensors header holds),
+    read memory-mapped: no tensor data is read."""
+    tensors = load_pickle(path)
+    layout = json.dumps({k: [str(t.dtype), list(t.shape)] for k, t in sorted(tensors.items())}).encode()
+    return set(tensors), layout
+
+
+def shard_tensors(path: Path) -> tuple[set[str], bytes]:
+    """The tensor names and the raw header of a safetensors file, after checking that its header and size agree.
 
     Catches, before any weight is read: Git LFS pointer files, truncated downloads, corrupt headers and
     trailing bytes, each named with what to do about it."""
@@ -265,8 +268,9 @@ def shard_tensors(path: Path) -> set[str]:
             raise CheckpointError(
                 f"{path}: header length {n} does not fit the file's {size} bytes (corrupt or truncated)"
             )
+        raw = f.read(n)
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(raw)
             ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
         except (ValueError, KeyError, TypeError, IndexError) as err:
             raise CheckpointError(f"{path}: corrupt safetensors header ({type(err).__name__}: {err})") from None
@@ -276,28 +280,17 @@ def shard_tensors(path: Path) -> set[str]:
         raise CheckpointError(f"{path}: truncated: the header needs {expected} data bytes, the file has {data}")
     if data > expected:
         raise CheckpointError(f"{path}: {data - expected} trailing bytes after the last tensor (corrupt file?)")
-    return {k for k in header if k != "__metadata__"}
+    return {k for k in header if k != "__metadata__"}, raw
 
 
-def fingerprint(path: Path, files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for meta in ("config.json", INDEX):
-        if (path / meta).is_file():
-            h.update((path / meta).read_bytes())
-    for f in files:
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            h.update(fh.read(min(n, 100_000_000)))
-    return h.hexdigest()[:16]
-
-
-def _pickle_fingerprint(path: Path, files: list[Path], layouts: list[bytes]) -> str:
-    """Config, index, and each shard's name, size and tensor names, dtypes and shapes (the header's part)."""
-    h = hashlib.sha256(b"pickle")
-    for meta in ("config.json", PICKLE_INDEX):
-        if (path / meta).is_file():
-            h.update((path / meta).read_bytes())
+def fingerprint(path: Path, index: Path | None, files: list[Path], layouts: list[bytes], salt: bytes = b"") -> str:
+    """Config, index, and each shard's name, size and layout (a safetensors header; a pickle shard's names,
+    dtypes and shapes, salted so the two formats never match): the same weights give the same value, without
+    reading gigabytes."""
+    h = hashlib.sha256(salt)
+    for meta in (path / "config.json", index):
+        if meta is not None and meta.is_file():
+            h.update(meta.read_bytes())
     for f, layout in zip(files, layouts, strict=True):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
         h.update(layout)

@@ -56,7 +56,7 @@ def stored_state(ctx: LoadContext) -> dict[str, set[str]]:
             stored.setdefault(split[0], set()).add(split[1])
     need = quant_state_names(ctx.quantizer)
     layers = [n for n, m in ctx.model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
-    lacking = {n: sorted(need - stored.get(n, set())) for n in layers if need - stored.get(n, set())}
+    lacking = {n: sorted(gap) for n in layers if (gap := need - stored.get(n, set()))}
     if lacking:
         layer, missing = next(iter(lacking.items()))
         raise CheckpointError(
