@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -50,3 +51,15 @@ def assert_same_weights(a, b) -> None:
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), f"{name} differs"
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """Every file under `folder` by its SHA-256: equal before and after a run means nothing was written."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(2**24):
+                h.update(chunk)
+        out[str(path.relative_to(folder))] = h.hexdigest()
+    return out

@@ -7,7 +7,6 @@ the slow one runs every case that needs no patching through `python -m pipeline`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import CONF_DIR, isolate
 from pipeline.schema import STAGE_KINDS
-from tests.conftest import REPO
+from tests.conftest import REPO, file_digests
 from tests.test_checkpoints import ARCH, SYN
+from tests.test_pickle import to_pickle
 
 COMPOSE = None  # refused while Hydra composes the config: no stage ran, no run.json
 CONFIG = "config"  # refused by the schemas' cross-field checks or the stage builder, before the first stage
@@ -39,7 +39,7 @@ class Case:
     stage: str | None  # the failed_stage run.json names
     message: str  # a piece of the message on stderr
     breaks: Callable[[Path], None] | None = None  # breaks the copy before the run
-    base: str = "plain"  # plain: a tiny fp16 checkpoint; nf4: the same model saved quantized
+    base: str = "plain"  # plain: a tiny fp16 checkpoint; nf4: the same model saved quantized; pickle: as .bin
     patch: Callable[[pytest.MonkeyPatch], None] | None = None  # in-process only (e.g. a backend missing)
 
 
@@ -122,14 +122,6 @@ def bitsandbytes_for_cuda_only(mp: pytest.MonkeyPatch) -> None:
 LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128}
 REMOTE = {"model_type": "x_custom", "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
-
-
-def to_pickle(path: Path) -> None:
-    """The safetensors shards re-saved as pickle (`pytorch_model.bin`), as old checkpoints ship."""
-    tensors = {k: v for shard in shards(path) for k, v in load_file(shard).items()}
-    for f in [*shards(path), path / "model.safetensors.index.json"]:
-        f.unlink()
-    torch.save(tensors, path / "pytorch_model.bin")
 
 
 NO_ABSMAX = rewrite_tensor(lambda k, t: None if k.endswith("q_proj.weight.absmax") else t)
@@ -236,7 +228,7 @@ CASES = [
         [],
         "config_merge",
         "unpickling a file can run arbitrary code hidden in it.\n  Fix: model.allow_pickle=true",
-        breaks=to_pickle,
+        base="pickle",
     ),
     Case(
         "index-missing-shard",
@@ -331,7 +323,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
-    """The checkpoints the cases break copies of: tiny fp16 (several shards), and the same saved in nf4."""
+    """The checkpoints the cases break copies of: tiny fp16 (several shards), the same saved in nf4, and as a
+    single pickle file."""
     from pipeline import compose, synthetic
     from pipeline.runner import run
 
@@ -339,11 +332,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     plain = synthetic.materialize("t", ARCH, SYN, root / "cache")
     model, _ = run(compose([f"model.path={plain}", "quant=nf4", "stages.stream.progress=false"]), root / "run")
     model.save_pretrained(root / "nf4")
-    return {"plain": plain, "nf4": root / "nf4"}
-
-
-def digest(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+    return {"plain": plain, "nf4": root / "nf4", "pickle": to_pickle(plain, root / "pickle", sharded=False)}
 
 
 def broken_copy(case: Case, bases: dict[str, Path], tmp_path: Path) -> Path:
@@ -410,7 +399,7 @@ def test_bad_input_fails_with_its_message_and_status_and_changes_nothing(
     case, bases, tmp_path, cache_dir, monkeypatch, capsys
 ):
     ckpt = broken_copy(case, bases, tmp_path)
-    before = digest(ckpt)
+    before = file_digests(ckpt)
     if case.patch:
         case.patch(monkeypatch)
     run_dir = tmp_path / "run"
@@ -427,14 +416,14 @@ def test_bad_input_fails_with_its_message_and_status_and_changes_nothing(
     if case.stage not in (COMPOSE, CONFIG):
         assert f"error: stage {case.stage} failed: " in out
     check_record(case, run_dir)
-    assert digest(ckpt) == before
+    assert file_digests(ckpt) == before
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if not c.patch], ids=[c.id for c in CASES if not c.patch])
 def test_bad_input_through_the_real_cli(case, bases, tmp_path, cache_dir):
     ckpt = broken_copy(case, bases, tmp_path)
-    before = digest(ckpt)
+    before = file_digests(ckpt)
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [
@@ -456,7 +445,7 @@ def test_bad_input_through_the_real_cli(case, bases, tmp_path, cache_dir):
     assert proc.returncode == isolate.EXIT_LOAD_FAILED, proc.stdout + proc.stderr
     assert case.message in proc.stderr
     check_record(case, run_dir)
-    assert digest(ckpt) == before
+    assert file_digests(ckpt) == before
 
 
 def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_says_so(load):

@@ -5,7 +5,6 @@ message, whole records, and the checkpoint untouched."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -26,6 +25,7 @@ from pipeline.isolate import run_isolated
 from pipeline.record import RecordError
 from pipeline.runner import run
 from pipeline.schema import STAGE_KINDS
+from tests.conftest import file_digests
 
 REPO = CONF_DIR.parent
 BEFORE_STREAM = list(STAGE_KINDS[: STAGE_KINDS.index("stream")])
@@ -39,18 +39,6 @@ SLOW_STREAM = ["device_map=cpu", "stages.stream.kernel=bnb"]
 DISK_FULL = "[Errno 28] No space left on device; free space or choose another hydra.run.dir"
 
 
-def digests(folder: Path) -> dict[str, str]:
-    """Every file under `folder` by its SHA-256."""
-    out = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(2**24):
-                h.update(chunk)
-        out[str(path.relative_to(folder))] = h.hexdigest()
-    return out
-
-
 def locate(cache_dir: Path, *overrides: str) -> Path:
     """The synthetic checkpoint these overrides describe, built in `cache_dir` if it is not there yet."""
     model = OmegaConf.to_object(compose([f"cache_dir={cache_dir}", *overrides])).model
@@ -60,13 +48,13 @@ def locate(cache_dir: Path, *overrides: str) -> Path:
 @pytest.fixture(scope="module")
 def big_checkpoint(cache_dir) -> tuple[Path, dict[str, str]]:
     path = locate(cache_dir, *BIG)
-    return path, digests(path)
+    return path, file_digests(path)
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(cache_dir) -> tuple[Path, dict[str, str]]:
     path = locate(cache_dir)
-    return path, digests(path)
+    return path, file_digests(path)
 
 
 def start_cli(cache_dir: Path, *overrides: str) -> subprocess.Popen:
@@ -121,13 +109,13 @@ def test_ctrl_c_while_streaming_exits_130_with_whole_records_and_the_next_run_wo
     assert [s["stage"] for s in rec["stages"]] == BEFORE_STREAM
     assert rec["process"]["ru_maxrss_at_start_mb"] > 0  # the load process finished its record before exiting
     assert leftovers(run_dir) == []
-    assert digests(path) == before
+    assert file_digests(path) == before
 
     again = start_cli(cache_dir, f"hydra.run.dir={tmp_path / 'again'}", f"model.path={path}", "device_map=cpu")
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
     assert json.loads((tmp_path / "again" / "run.json").read_text())["status"] == "ok"
-    assert digests(path) == before
+    assert file_digests(path) == before
 
 
 def _load_process() -> psutil.Process | None:
@@ -161,13 +149,13 @@ def test_a_load_killed_outright_while_streaming_still_gets_a_failed_record(tmp_p
     assert rec["config"]["cache_dir"] == str(cache_dir)
     assert outcome.message.startswith("stage stream failed: ")
     assert "killed by signal 9" in outcome.message
-    assert digests(path) == before
+    assert file_digests(path) == before
 
     # the next load of the same checkpoint, in this process to save a start (the Ctrl-C test starts the CLI again)
     cfg = compose([f"cache_dir={cache_dir}", "stages.stream.progress=false", f"model.path={path}", "device_map=cpu"])
     model, again = run(cfg, tmp_path / "again")
     assert again["status"] == "ok" and model.is_loaded_in_4bit
-    assert digests(path) == before
+    assert file_digests(path) == before
 
 
 class _DiskFull:
@@ -221,7 +209,7 @@ def test_a_full_disk_stops_the_run_with_the_file_and_the_os_error(
     assert (full / "stages.jsonl").read_bytes() == b""  # the line that could not be kept was cut off again
     assert not (full / "run.json").exists() and leftovers(full) == []
     assert_unchanged(earlier)
-    assert digests(path) == before
+    assert file_digests(path) == before
 
 
 def test_a_journal_line_that_cannot_be_kept_is_recorded_in_run_json(monkeypatch, cache_dir, tmp_path, tiny_checkpoint):
@@ -237,7 +225,7 @@ def test_a_journal_line_that_cannot_be_kept_is_recorded_in_run_json(monkeypatch,
     assert rec["status"] == "failed" and rec["failed_stage"] == "stream"
     assert rec["error"] == f"RecordError: cannot write the run record {full / 'stages.jsonl'}: {DISK_FULL}"
     assert leftovers(full) == []
-    assert digests(path) == before
+    assert file_digests(path) == before
 
 
 def test_running_out_of_memory_while_writing_run_json_says_so(monkeypatch, cache_dir, tmp_path, earlier):
@@ -328,7 +316,7 @@ def test_a_journal_on_a_full_device_fails_the_cli_with_the_message(tmp_path, cac
     assert rec["error"] == f"RecordError: {message}"
     assert leftovers(run_dir) == []
     assert_unchanged(earlier)
-    assert digests(path) == before
+    assert file_digests(path) == before
 
 
 def test_two_runs_started_at_once_get_folders_of_their_own(tmp_path, cache_dir, tiny_checkpoint):
@@ -344,4 +332,4 @@ def test_two_runs_started_at_once_get_folders_of_their_own(tmp_path, cache_dir, 
     assert all(r["status"] == "ok" for r in records)
     assert len({r["process"]["launcher_pid"] for r in records}) == 2
     assert [journal(f) for f in folders] == [list(STAGE_KINDS)] * 2
-    assert digests(path) == before
+    assert file_digests(path) == before

@@ -4,7 +4,6 @@ into the same weights as the safetensors they were converted from, with only ten
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from pipeline import checkpoint
 from pipeline.checkpoint import CheckpointError, scan
 from pipeline.runner import StageError
 from pipeline.schema import STAGE_KINDS, ModelConfig
-from tests.conftest import assert_same_weights
+from tests.conftest import assert_same_weights, file_digests
 from tests.test_checkpoints import ARCH, SYN
 
 
@@ -52,12 +51,8 @@ def pickle_dir(safetensors_dir, tmp_path_factory):
     return to_pickle(safetensors_dir, tmp_path_factory.mktemp("pickle") / "ckpt")
 
 
-def digest(path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
-
-
 def test_refused_without_opt_in_with_the_reason_and_the_fix(load, pickle_dir):
-    before = digest(pickle_dir)
+    before = file_digests(pickle_dir)
     with pytest.raises(CheckpointError) as err:
         scan(pickle_dir)
     msg = str(err.value)
@@ -73,7 +68,7 @@ def test_refused_without_opt_in_with_the_reason_and_the_fix(load, pickle_dir):
     with pytest.raises(StageError) as err:
         load(f"model.path={pickle_dir}")
     assert err.value.stage == "config_merge" and "model.allow_pickle=true" in str(err.value)
-    assert digest(pickle_dir) == before
+    assert file_digests(pickle_dir) == before
 
 
 def test_scan_lists_pickle_shards_like_their_safetensors(safetensors_dir, pickle_dir):
@@ -111,7 +106,7 @@ def test_safetensors_are_preferred_when_both_are_there(safetensors_dir, tmp_path
 
 @pytest.mark.parametrize("quant", ["none", "nf4", "int8"])
 def test_opted_in_both_streamers_load_the_same_weights_as_safetensors(load, safetensors_dir, pickle_dir, quant):
-    before = digest(pickle_dir)
+    before = file_digests(pickle_dir)
     original, *_ = load(f"model.path={safetensors_dir}", f"quant={quant}")
     for stream in ("bounded", "transformers"):  # the bounded one's read-ahead: test_reader_... with prefetch=2
         model, record, _ = load(
@@ -121,7 +116,7 @@ def test_opted_in_both_streamers_load_the_same_weights_as_safetensors(load, safe
         if stream == "bounded":  # every tensor read: 2 layers of 9, embeddings, norm, head
             assert record["stages"][STAGE_KINDS.index("stream")]["facts"]["tensors"] == 21
         assert_same_weights(original, model)
-    assert digest(pickle_dir) == before
+    assert file_digests(pickle_dir) == before
 
 
 def test_tied_weights_stored_twice_load_tied(load, tmp_path):
