@@ -13,8 +13,9 @@ from typing import Any
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def compose(overrides: list[str] | None = None):
-    """The composed config for these overrides, as `python -m pipeline` would build it."""
+def compose(overrides: list[str] | None = None, hydra_config: bool = False):
+    """The composed config for these overrides, as `python -m pipeline` would build it (with `hydra_config`,
+    Hydra's own node too)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -24,7 +25,7 @@ def compose(overrides: list[str] | None = None):
     schema.register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+        return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=hydra_config)
 
 
 def load(overrides: list[str] | None = None, run_dir: str | Path | None = None) -> tuple[Any, dict]:

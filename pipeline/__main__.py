@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import schema
+from pipeline import guard, schema
 from pipeline.isolate import EXIT_INTERRUPTED, JobFailed, run_isolated
 
 schema.register()
@@ -44,4 +44,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra builds its launcher, sweeper, callbacks or logging from the config
+        guard.check_argv(sys.argv[1:])
+    except guard.UntrustedConfig as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except Exception:  # a config Hydra cannot compose: let Hydra say why, as it does without this check
+        pass
     main()

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import record, schema
+from pipeline import guard, record, schema
 from pipeline.isolate import run_isolated
 
 
@@ -43,8 +43,12 @@ def recorded_config(run_dir: Path) -> tuple[dict[str, Any], str]:
 def build_config(config: dict[str, Any], overrides: list[str]) -> DictConfig:
     """The recorded config on the run schema (so it is validated as at compose time), then the overrides."""
     try:
+        guard.check(OmegaConf.create(config))  # a record from elsewhere is untrusted: nothing in it may run
         cfg = OmegaConf.merge(OmegaConf.structured(schema.RunConfig), config, OmegaConf.from_dotlist(overrides))
+        guard.check(cfg)
         OmegaConf.to_object(cfg)  # the schemas' cross-field checks, before any work
+    except guard.UntrustedConfig as err:
+        raise ReplayError(f"the recorded config, with overrides {overrides}: {err}") from None
     except (OmegaConfBaseException, ValueError) as err:
         raise ReplayError(
             f"the recorded config, with overrides {overrides}, does not validate against pipeline/schema.py: {err}"

@@ -8,15 +8,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import record
+from pipeline import guard, record
 from pipeline.context import LoadContext
 from pipeline.measure import ru_maxrss_bytes, track
 from pipeline.plan import PLAN_KINDS, Plan, summary
 from pipeline.plan_format import describe
 from pipeline.schema import STAGE_KINDS
+from stages import registry
 from stages.base import Stage
 
 
@@ -29,17 +29,10 @@ class StageError(RuntimeError):
 
 
 def build_stage(kind: str, node: DictConfig) -> Stage:
-    """Instantiate a stage class named by `_target_`, refusing anything outside the `stages` package."""
-    target = str(node.get("_target_", ""))
-    if not target.startswith("stages.") or "__" in target:
-        raise ValueError(
-            f"stages.{kind}._target_={target!r}: only stage classes from this project's `stages` package may "
-            f"be selected (e.g. stages.{kind}.<Class>); choose an option of conf/stages/{kind}/"
-        )
-    stage = instantiate(node)
-    if not isinstance(stage, Stage):
-        raise ValueError(f"stages.{kind}._target_={target!r} is not a Stage")
-    return stage
+    """The stage `node` selects, from the closed set in `stages.registry` (never resolved from the string),
+    built with arguments checked against that stage's schema."""
+    target, arguments = guard.stage_arguments(kind, node)
+    return registry.load(kind, target)(**arguments)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
@@ -55,6 +48,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     with track() as total:
         try:
             record.start_jsonl(journal)
+            guard.check(cfg)  # configs are untrusted: only this project's components, nothing to call
             ctx = LoadContext(cfg=OmegaConf.to_object(cfg))  # runs the schemas' cross-field checks
             # every stage is built, a plan's too: the plan's process then imports what the load's would
             stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}

@@ -166,9 +166,14 @@ CASES = [
         "target-os-system",
         ["stages.stream._target_=os.system"],
         CONFIG,
-        "only stage classes from this project's `stages` package",
+        "stages.stream._target_='os.system': a config may only select one of this project's stream stages",
     ),
-    Case("target-eval", ["stages.verify._target_=builtins.eval"], CONFIG, "only stage classes from this project"),
+    Case(
+        "target-eval",
+        ["stages.verify._target_=builtins.eval"],
+        CONFIG,
+        "may only select one of this project's verify stages",
+    ),
     Case(
         "remote-code",
         [],
