@@ -29,13 +29,6 @@ from tests.conftest import file_digests
 
 REPO = CONF_DIR.parent
 BEFORE_STREAM = list(STAGE_KINDS[: STAGE_KINDS.index("stream")])
-# ~250 MB of fp16 weights through bitsandbytes' own CPU kernel: streaming takes seconds, long enough to hit
-BIG = [
-    "model.architecture.hidden_size=1024",
-    "model.architecture.intermediate_size=4096",
-    "model.architecture.num_hidden_layers=8",
-]
-SLOW_STREAM = ["device_map=cpu", "stages.stream.kernel=bnb"]
 DISK_FULL = "[Errno 28] No space left on device; free space or choose another hydra.run.dir"
 
 
@@ -46,28 +39,31 @@ def locate(cache_dir: Path, *overrides: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def big_checkpoint(cache_dir) -> tuple[Path, dict[str, str]]:
-    path = locate(cache_dir, *BIG)
-    return path, file_digests(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_checkpoint(cache_dir) -> tuple[Path, dict[str, str]]:
     path = locate(cache_dir)
     return path, file_digests(path)
 
 
-def start_cli(cache_dir: Path, *overrides: str) -> subprocess.Popen:
+def start_cli(cache_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`python -m pipeline` in a session of its own, so that a signal can go to its whole process group."""
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", f"cache_dir={cache_dir}", "stages.stream.progress=false", *overrides],
         cwd=REPO,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+
+
+def wait_for_file(path: Path, running, timeout: float = 120) -> None:
+    """Until `path` exists (the run reached its hold point and waits there)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert running(), f"the run ended before it reached {path.name}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.01)
 
 
 def wait_for_stage(run_dir: Path, stage: str, running=lambda: True, timeout: float = 120) -> None:
@@ -89,13 +85,13 @@ def leftovers(run_dir: Path) -> list[Path]:
 
 
 def test_ctrl_c_while_streaming_exits_130_with_whole_records_and_the_next_run_works(
-    tmp_path, cache_dir, big_checkpoint
+    tmp_path, cache_dir, tiny_checkpoint
 ):
-    path, before = big_checkpoint
-    run_dir = tmp_path / "run"
-    proc = start_cli(cache_dir, f"hydra.run.dir={run_dir}", f"model.path={path}", *SLOW_STREAM)
+    path, before = tiny_checkpoint
+    run_dir, held = tmp_path / "run", tmp_path / "held"
+    proc = start_cli(cache_dir, f"hydra.run.dir={run_dir}", f"model.path={path}", env={"QLOAD_HOLD": f"stream:{held}"})
     try:
-        wait_for_stage(run_dir, "device_map", running=lambda: proc.poll() is None)
+        wait_for_file(held, running=lambda: proc.poll() is None)  # one tensor placed, the stream held there
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to every process of the foreground group
         _, err = proc.communicate(timeout=120)
     finally:
@@ -127,13 +123,16 @@ def _load_process() -> psutil.Process | None:
     return None
 
 
-def test_a_load_killed_outright_while_streaming_still_gets_a_failed_record(tmp_path, cache_dir, big_checkpoint):
-    path, before = big_checkpoint
-    cfg = compose([f"cache_dir={cache_dir}", "stages.stream.progress=false", f"model.path={path}", *SLOW_STREAM])
+def test_a_load_killed_outright_while_streaming_still_gets_a_failed_record(
+    tmp_path, cache_dir, tiny_checkpoint, monkeypatch
+):
+    path, before = tiny_checkpoint
+    monkeypatch.setenv("QLOAD_HOLD", f"stream:{tmp_path / 'held'}")  # inherited by the load process
+    cfg = compose([f"cache_dir={cache_dir}", "stages.stream.progress=false", f"model.path={path}"])
     result = {}
     waiter = threading.Thread(target=lambda: result.update(outcome=run_isolated(cfg, tmp_path / "run")))
     waiter.start()
-    wait_for_stage(tmp_path / "run", "device_map", running=waiter.is_alive)
+    wait_for_file(tmp_path / "held", running=waiter.is_alive)
     load = _load_process()
     assert load is not None
     load.send_signal(signal.SIGKILL)  # as the OOM killer would
@@ -152,6 +151,7 @@ def test_a_load_killed_outright_while_streaming_still_gets_a_failed_record(tmp_p
     assert file_digests(path) == before
 
     # the next load of the same checkpoint, in this process to save a start (the Ctrl-C test starts the CLI again)
+    monkeypatch.delenv("QLOAD_HOLD")
     cfg = compose([f"cache_dir={cache_dir}", "stages.stream.progress=false", f"model.path={path}", "device_map=cpu"])
     model, again = run(cfg, tmp_path / "again")
     assert again["status"] == "ok" and model.is_loaded_in_4bit

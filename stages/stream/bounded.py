@@ -29,6 +29,7 @@ from transformers.modeling_utils import LoadStateDictInfo
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.context import LoadContext
+from pipeline.holdpoint import hold
 from stages.stream.base import StreamStage
 from stages.stream.memory import return_freed_memory
 from stages.stream.prequantized import PrequantizedGroups
@@ -96,6 +97,7 @@ class BoundedStreamer(StreamStage):
                 _check_shape(shard, key, tensor, expected[target])
                 place(target, self._convert(ctx, target, tensor, expected[target]))
             del tensor
+            hold("stream")  # fault tests only: a signal then lands mid-stream, with part of the model placed
             stats = shard_stats.setdefault(shard.name, {"shard": shard.name, "tensors": 0, "bytes": 0})
             stats["tensors"] += 1
             stats["bytes"] += nbytes
