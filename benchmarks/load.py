@@ -72,7 +72,7 @@ def child(path: str, quant: str, dtype: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from pipeline import compose
-    from pipeline.dtypes import torch_dtype
+    from pipeline.core.dtypes import torch_dtype
     from stages.config_merge import requested_quantization
 
     cfg = compose([f"quant={quant}"])
@@ -137,7 +137,8 @@ def main() -> None:
     if a.child:
         return child(a.child, a.quant, a.dtype)
 
-    from pipeline import checkpoint, compose
+    from pipeline import compose
+    from pipeline.checkpoints import checkpoint
 
     cfg = compose([f"model={a.model}", "model.source=synthetic", f"cache_dir={a.cache}"])
     ckpt = checkpoint.scan(checkpoint.locate(cfg.model, a.cache))

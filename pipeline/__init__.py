@@ -20,7 +20,7 @@ def compose(overrides: list[str] | None = None, hydra_config: bool = False):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline import schema
+    from pipeline.core import schema
 
     schema.register()
     GlobalHydra.instance().clear()

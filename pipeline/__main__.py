@@ -16,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import guard, schema
+from pipeline import guard
+from pipeline.core import schema
 from pipeline.isolate import EXIT_INTERRUPTED, JobFailed, run_isolated
 
 schema.register()

@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.schema import STAGE_KINDS
+from pipeline.core.schema import STAGE_KINDS
 from stages.registry import UnknownStage, lookup
 
 SPECIAL_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")

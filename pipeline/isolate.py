@@ -32,7 +32,7 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pipeline import record
+from pipeline.core import record
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 1  # a stage failed; run.json says which and why
@@ -204,7 +204,7 @@ def _load(payload: bytes) -> None:
 
 
 def _generate(model: Any, prompt: str, max_new_tokens: int) -> dict[str, Any]:
-    from pipeline.generate import generate
+    from pipeline.quality.generate import generate
 
     t0 = time.perf_counter()
     facts: dict[str, Any] = {"prompt": prompt, "max_new_tokens": max_new_tokens}
@@ -220,7 +220,7 @@ def _generate(model: Any, prompt: str, max_new_tokens: int) -> dict[str, Any]:
 
 def _crash_record(cfg: DictConfig, out_dir: Path, reason: str) -> dict[str, Any]:
     """The run.json the load could not write: every stage it finished (from stages.jsonl) and why it ended."""
-    from pipeline.schema import STAGE_KINDS
+    from pipeline.core.schema import STAGE_KINDS
 
     stages = _finished_stages(out_dir / "stages.jsonl")
     done = [s["stage"] for s in stages if s.get("status") == "ok"]

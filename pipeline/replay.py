@@ -19,7 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import guard, record, schema
+from pipeline import guard
+from pipeline.core import record, schema
 from pipeline.isolate import run_isolated
 
 

@@ -10,12 +10,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import guard, record
-from pipeline.context import LoadContext
-from pipeline.measure import ru_maxrss_bytes, track
-from pipeline.plan import PLAN_KINDS, Plan, summary
-from pipeline.plan_format import describe
-from pipeline.schema import STAGE_KINDS
+from pipeline import guard
+from pipeline.core import record
+from pipeline.core.context import LoadContext
+from pipeline.core.measure import ru_maxrss_bytes, track
+from pipeline.core.schema import STAGE_KINDS
+from pipeline.plan.describe import describe
+from pipeline.plan.step import PLAN_KINDS, Plan, summary
 from stages import registry
 from stages.base import Stage
 
@@ -53,7 +54,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
             # every stage is built, a plan's too: the plan's process then imports what the load's would
             stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
             steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if plan else STAGE_KINDS)]
-            steps += [("plan", "pipeline.plan.Plan", Plan(cfg.stages.stream))] if plan else []
+            steps += [("plan", "pipeline.plan.step.Plan", Plan(cfg.stages.stream))] if plan else []
             for kind, target, stage in steps:
                 run_stage(ctx, kind, target, stage, rec, journal)
             rec["status"] = "planned" if plan else "ok"

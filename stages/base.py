@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.context import LoadContext
+from pipeline.core.context import LoadContext
 
 
 class Stage:

@@ -12,10 +12,10 @@ import transformers
 from transformers import CONFIG_MAPPING, AutoConfig, BitsAndBytesConfig
 from transformers.quantizers.auto import AutoHfQuantizer
 
-from pipeline import checkpoint
-from pipeline.context import LoadContext
-from pipeline.dtypes import torch_dtype
-from pipeline.schema import DtypeName, ModelConfig, QuantConfig, QuantMethod
+from pipeline.checkpoints import checkpoint
+from pipeline.core.context import LoadContext
+from pipeline.core.dtypes import torch_dtype
+from pipeline.core.schema import DtypeName, ModelConfig, QuantConfig, QuantMethod
 from stages.base import Stage
 
 

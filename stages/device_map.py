@@ -19,10 +19,10 @@ import torch
 from accelerate.utils import get_max_memory
 from transformers.integrations import accelerate as hf_accelerate
 
-from pipeline.context import LoadContext
-from pipeline.offload import check_no_quantized_on_disk, check_quantized_offload, compact_names, device_of
-from pipeline.plan_format import gib
-from pipeline.schema import Policy
+from pipeline.core.context import LoadContext
+from pipeline.core.placement import check_no_quantized_on_disk, check_quantized_offload, compact_names, device_of
+from pipeline.core.schema import Policy
+from pipeline.core.sizes import gib, parse_size
 from stages.base import Stage
 
 
@@ -34,7 +34,9 @@ def parse_max_memory(raw: dict[Any, str] | None) -> dict[Any, int] | None:
     """{0: '20GiB', 'cpu': '60GiB'} -> {0: bytes, 'cpu': bytes}; errors name the key and the valid forms."""
     if not raw:
         return None
-    parsed = {int(k) if str(k).isdigit() else str(k): v for k, v in raw.items()}
+    parsed = {
+        int(k) if str(k).isdigit() else str(k): parse_size(v, f"device_map.max_memory.{k}") for k, v in raw.items()
+    }
     try:
         return get_max_memory(parsed)
     except ValueError as err:

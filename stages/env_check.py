@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from transformers.integrations.accelerate import check_and_set_device_map
 
-from pipeline.context import LoadContext
-from pipeline.offload import check_quantized_offload
-from pipeline.schema import DeviceMapConfig, Policy
+from pipeline.core.context import LoadContext
+from pipeline.core.placement import check_quantized_offload
+from pipeline.core.schema import DeviceMapConfig, Policy
 from stages.base import Stage
 
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "hydra-core")

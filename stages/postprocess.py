@@ -6,8 +6,8 @@ from typing import Any
 
 from transformers.integrations.accelerate import accelerate_dispatch
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.context import LoadContext
+from pipeline.checkpoints.checkpoint import CheckpointError
+from pipeline.core.context import LoadContext
 from stages.base import Stage
 
 

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.auto_factory import _get_model_class
 from transformers.utils.generic import ContextManagers
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.context import LoadContext
+from pipeline.checkpoints.checkpoint import CheckpointError
+from pipeline.core.context import LoadContext
 from stages.base import Stage
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers.quantizers.auto import AutoHfQuantizer
 
-from pipeline.context import LoadContext
+from pipeline.core.context import LoadContext
 from stages.base import Stage
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pipeline import schema
+from pipeline.core import schema
 
 # target -> (stage kind, the conf/stages/<kind>/ option that selects it, the schema of its arguments)
 STAGES: dict[str, tuple[str, str, type[schema.StageConfig]]] = {

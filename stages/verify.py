@@ -2,7 +2,7 @@
 
 `LogitsVerify` runs one forward pass of the loaded model over a fixed evaluation text and compares its
 next-token distributions with those of the same checkpoint loaded unquantized in the run's dtype
-(`pipeline.reference`: computed once in a child process, cached). A checkpoint without a tokenizer (the
+(`pipeline.quality.reference`: computed once in a child process, cached). A checkpoint without a tokenizer (the
 synthetic ones) has random weights or no way to read text: it is compared on seeded token ids, and no
 perplexity is claimed for it.
 """
@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from pipeline.context import LoadContext
-from pipeline.generate import generate
-from pipeline.reference import reference_logits
-from pipeline.schema import Source
+from pipeline.core.context import LoadContext
+from pipeline.core.schema import Source
+from pipeline.quality import EVAL_TEXT
+from pipeline.quality.generate import generate
+from pipeline.quality.reference import reference_logits
 from stages.base import Stage
 
-EVAL_TEXT = Path(__file__).resolve().parent.parent / "pipeline" / "data" / "eval.txt"
 CHUNK = 64  # positions per step of the comparison: bounds the float32 temporaries to 64 x vocab
 
 

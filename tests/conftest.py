@@ -14,7 +14,7 @@ from pipeline.runner import run
 
 # never reach for a hub from the tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parent.parent
+from .helpers import REPO  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import CONF_DIR, isolate
-from pipeline.schema import STAGE_KINDS
+from pipeline.core.schema import STAGE_KINDS
 from tests.conftest import REPO, file_digests
 from tests.test_checkpoints import ARCH, SYN
 from tests.test_pickle import to_pickle
@@ -330,7 +330,8 @@ CASES = [
 def bases(tmp_path_factory) -> dict[str, Path]:
     """The checkpoints the cases break copies of: tiny fp16 (several shards), the same saved in nf4, and as a
     single pickle file."""
-    from pipeline import compose, synthetic
+    from pipeline import compose
+    from pipeline.checkpoints import synthetic
     from pipeline.runner import run
 
     root = tmp_path_factory.mktemp("bases")

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline import synthetic
-from pipeline.schema import STAGE_KINDS
+from pipeline.checkpoints import synthetic
+from pipeline.core.schema import STAGE_KINDS
 from tests.conftest import assert_same_weights
 
 ARCH = {

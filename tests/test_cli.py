@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from pipeline.schema import STAGE_KINDS
+from pipeline.core.schema import STAGE_KINDS
 from tests.conftest import REPO
 
 # Runs the CLI and reports its max RSS as the kernel kept it. The go-between matters: a process started

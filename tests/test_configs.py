@@ -7,8 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import compose
+from pipeline.core.schema import STAGE_KINDS
 from pipeline.runner import build_stage
-from pipeline.schema import STAGE_KINDS
 from tests.conftest import REPO
 
 CONF = REPO / "conf"

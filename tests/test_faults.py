@@ -20,11 +20,13 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import CONF_DIR, checkpoint, compose, isolate, record
+from pipeline import CONF_DIR, compose, isolate
+from pipeline.checkpoints import checkpoint
+from pipeline.core import record
+from pipeline.core.record import RecordError
+from pipeline.core.schema import STAGE_KINDS
 from pipeline.isolate import run_isolated
-from pipeline.record import RecordError
 from pipeline.runner import run
-from pipeline.schema import STAGE_KINDS
 from tests.conftest import file_digests
 
 REPO = CONF_DIR.parent
@@ -159,7 +161,7 @@ def test_a_load_killed_outright_while_streaming_still_gets_a_failed_record(
 
 
 class _DiskFull:
-    """Stands in for `os` inside pipeline.record: fsync of the files `fails(name, count)` picks raises ENOSPC,
+    """Stands in for `os` inside pipeline.core.record: fsync of the files `fails(name, count)` picks raises ENOSPC,
     as a full disk reports it (the data was written, but cannot be kept)."""
 
     def __init__(self, under: Path, fails) -> None:

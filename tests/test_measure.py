@@ -18,7 +18,7 @@ def test_sampler_sees_a_transient_peak_below_an_earlier_high_water_mark():
     out = run_py(
         """
         import time, torch
-        from pipeline.measure import track
+        from pipeline.core.measure import track
         big = torch.ones(600 * 2**20, dtype=torch.uint8); del big
         with track() as m:
             t = torch.ones(300 * 2**20, dtype=torch.uint8); time.sleep(0.05); del t
@@ -36,7 +36,7 @@ def test_cpu_time_counts_every_thread():
     out = run_py(
         """
         import hashlib, threading, time
-        from pipeline.measure import track
+        from pipeline.core.measure import track
         data, spent = bytes(64 * 2**20), []
         def work():
             t0 = time.thread_time()

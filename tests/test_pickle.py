@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint
-from pipeline.checkpoint import CheckpointError, scan
+from pipeline.checkpoints import checkpoint
+from pipeline.checkpoints.checkpoint import CheckpointError, scan
+from pipeline.core.schema import STAGE_KINDS, ModelConfig
 from pipeline.runner import StageError
-from pipeline.schema import STAGE_KINDS, ModelConfig
 from tests.conftest import assert_same_weights, file_digests
 from tests.test_checkpoints import ARCH, SYN
 
 
 @pytest.fixture(scope="module")
 def safetensors_dir(tmp_path_factory):
-    from pipeline import synthetic
+    from pipeline.checkpoints import synthetic
 
     return synthetic.materialize("t", ARCH, SYN, tmp_path_factory.mktemp("cache"))
 

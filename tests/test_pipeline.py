@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from pipeline.core.schema import STAGE_KINDS
 from pipeline.runner import StageError
-from pipeline.schema import STAGE_KINDS
 from tests.conftest import assert_same_weights
 
 QUANTS = ["none", "nf4", "nf4_double", "fp4", "fp4_double", "int8"]

@@ -11,11 +11,12 @@ import sys
 import pytest
 import torch
 
-from pipeline import checkpoint, compose
+from pipeline import compose
+from pipeline.checkpoints import checkpoint
+from pipeline.core.placement import compact_names
 from pipeline.isolate import run_isolated
-from pipeline.offload import compact_names
-from pipeline.plan import PLAN_KINDS
-from pipeline.plan_format import gib
+from pipeline.plan.describe import gib
+from pipeline.plan.step import PLAN_KINDS
 from pipeline.runner import StageError
 from tests.conftest import REPO
 

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from pipeline.report import main as report_main
+from pipeline.report.runs import QUALITY_FACTS, find_runs, label_runs, summarize
+from pipeline.report.table import main as report_main
 from pipeline.runner import StageError
-from pipeline.runs import QUALITY_FACTS, find_runs, label_runs, summarize
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 import pipeline
 from pipeline import compose, guard, replay
+from pipeline.core.schema import STAGE_KINDS
 from pipeline.isolate import Outcome
 from pipeline.runner import StageError, run
-from pipeline.schema import STAGE_KINDS
 from stages import registry
 
 from .conftest import REPO

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.schema import STAGE_KINDS
+from pipeline.core.schema import STAGE_KINDS
 from tests.test_cli import cli
 
 

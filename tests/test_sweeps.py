@@ -18,12 +18,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from pipeline import CONF_DIR, schema
+from pipeline import CONF_DIR
 from pipeline import compose as compose_run
+from pipeline.core import schema
 from pipeline.replay import main as replay_main
 from pipeline.replay import replay
-from pipeline.report import main as report_main
-from pipeline.runs import find_runs, label_runs, summarize
+from pipeline.report.runs import find_runs, label_runs, summarize
+from pipeline.report.table import main as report_main
 
 # not imported from tests.conftest: a spawned child imports this module, and conftest imports torch
 REPO = CONF_DIR.parent

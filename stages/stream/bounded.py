@@ -27,9 +27,9 @@ from transformers.core_model_loading import (
 from transformers.integrations.accelerate import get_device, offload_weight
 from transformers.modeling_utils import LoadStateDictInfo
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.context import LoadContext
-from pipeline.holdpoint import hold
+from pipeline.checkpoints.checkpoint import CheckpointError
+from pipeline.core.context import LoadContext
+from pipeline.core.holdpoint import hold
 from stages.stream.base import StreamStage
 from stages.stream.memory import return_freed_memory
 from stages.stream.prequantized import PrequantizedGroups

@@ -12,8 +12,8 @@ from transformers.integrations.accelerate import get_device
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.context import LoadContext
+from pipeline.checkpoints.checkpoint import CheckpointError
+from pipeline.core.context import LoadContext
 
 
 def quant_state_names(quantizer: Any) -> set[str]:

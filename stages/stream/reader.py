@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pipeline.checkpoint import load_pickle
+from pipeline.checkpoints.checkpoint import load_pickle
 
 _DONE = object()
 

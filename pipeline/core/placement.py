@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.schema import QuantConfig
+from pipeline.core.schema import QuantConfig
 
 OFFLOAD_DEVICES = ("cpu", "disk")
 

@@ -16,7 +16,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.runs import RunSummary
+from pipeline.report.runs import RunSummary
 
 STAGE_TIMES, MEMORY, QUALITY = "report_stage_times.png", "report_memory.png", "report_quality.png"
 # the rest of QUALITY_FACTS goes in the table only

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline.context import LoadContext
+from pipeline.core.context import LoadContext
 from stages.stream.base import StreamStage
 from stages.stream.prequantized import is_bnb, stored_state
 

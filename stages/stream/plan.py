@@ -20,10 +20,11 @@ from safetensors import safe_open
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-from pipeline import checkpoint, synthetic
-from pipeline.context import LoadContext
-from pipeline.offload import device_of
-from pipeline.plan_probe import KernelCost
+from pipeline.checkpoints import checkpoint, synthetic
+from pipeline.core.context import LoadContext
+from pipeline.core.placement import device_of
+from pipeline.core.sizes import parse_size
+from stages.stream.probe import KernelCost
 
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
@@ -75,7 +76,7 @@ def read_order(ctx: LoadContext) -> list[Read]:
         return reads
     dtype = ctx.model_config.dtype if isinstance(ctx.model_config.dtype, torch.dtype) else torch.float16
     itemsize = torch.empty((), dtype=dtype).element_size()
-    max_bytes = synthetic.parse_size(ctx.cfg.model.synthetic.shard_size, "model.synthetic.shard_size")
+    max_bytes = parse_size(ctx.cfg.model.synthetic.shard_size, "model.synthetic.shard_size")
     shards = synthetic.split_shards(synthetic.tensor_plan(ctx.model_config), itemsize, max_bytes)
     return [Read(k, math.prod(s), itemsize, dtype) for shard in shards for k, s in sorted(shard)]
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.offload import compact_names
-
-
-def gib(n: float) -> str:
-    """Bytes as GiB, or MiB below a GiB."""
-    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+from pipeline.core.placement import compact_names
+from pipeline.core.sizes import gib
 
 
 def map_by_device(device_map: dict[str, Any]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""`python -m pipeline.capacity DIR...`: the capacity table of planned runs (plan=true), in Markdown.
+"""`python -m pipeline.plan.capacity DIR...`: the capacity table of planned runs (plan=true), in Markdown.
 
 One row per run folder under DIR whose run.json has status `planned`: the footprint, the quantization state
 beside it, the predicted peak RSS of a load into CPU memory, the predicted peak of a load onto one GPU, and
@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.plan import GPU_SIZES_GIB
+from pipeline.plan.step import GPU_SIZES_GIB
 
 
 def rows(paths: list[Path]) -> list[dict]:

@@ -4,7 +4,7 @@ PATH is a run folder or any folder above run folders (a sweep, `runs/`); every f
 is a run. One row per run: the settings that differ between the runs, status, per-stage wall time and peak
 RSS, load time and peak, the load process's peak as the kernel kept it, the model's footprint, and the
 quality figures a `verify` stage recorded. Writes `report.csv`, `report.md` and the plots (see
-`pipeline.plots`) into the runs' common folder, or into `--out`.
+`pipeline.report.plots`) into the runs' common folder, or into `--out`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.runs import QUALITY_STAGE, RunsError, RunSummary, common_dir, find_runs, label_runs, summarize
+from pipeline.report.runs import QUALITY_STAGE, RunsError, RunSummary, common_dir, find_runs, label_runs, summarize
 
 CSV_NAME, MARKDOWN_NAME = "report.csv", "report.md"
 
@@ -117,7 +117,7 @@ def text_table(runs: list[RunSummary], cols: list[Column]) -> str:
 
 def report(paths: list[str | Path], out: str | Path | None = None) -> dict[str, Path]:
     """Find the runs under `paths`, write the CSV, the Markdown and the plots; return what was written."""
-    from pipeline import plots
+    from pipeline.report import plots
 
     runs = [summarize(p) for p in find_runs(paths)]
     differing = label_runs(runs)

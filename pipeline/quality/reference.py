@@ -7,7 +7,7 @@ fingerprint (config, index, safetensors headers), the dtype, the device type the
 token ids, and the torch and transformers versions (an upgrade may change kernels, and a stale reference
 would then report a loss that the load did not cause).
 
-On a cache miss the reference runs in a child process (`python -m pipeline.reference`), for two reasons:
+On a cache miss the reference runs in a child process (`python -m pipeline.quality.reference`), for two reasons:
 the quantized model of the run stays resident in the parent, and a child's memory is returned whole when
 it exits, so the parent's RSS, which the runner records stage by stage, never carries a full-precision
 copy. The child does `AutoModelForCausalLM.from_pretrained(path, dtype=...)` and one forward pass: its peak
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.dtypes import torch_dtype
+from pipeline.core.dtypes import torch_dtype
 
 FORMAT_VERSION = 1
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def _compute_in_child(
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".ids-") as tmp:
         ids_file, log = Path(tmp) / "ids.safetensors", Path(tmp) / "child.log"
         save_file({"ids": ids.to(torch.int64).contiguous()}, ids_file)
-        cmd = [sys.executable, "-m", "pipeline.reference", str(checkpoint), str(dtype).removeprefix("torch.")]
+        cmd = [sys.executable, "-m", "pipeline.quality.reference", str(checkpoint), str(dtype).removeprefix("torch.")]
         cmd += [str(device), str(ids_file), str(target)]
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def compute(checkpoint: Path, dtype: torch.dtype, device: torch.device, ids: tor
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.reference", description=compute.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.quality.reference", description=compute.__doc__)
     for name in ("checkpoint", "dtype", "device", "ids_file", "out"):
         parser.add_argument(name)
     args = parser.parse_args(argv)

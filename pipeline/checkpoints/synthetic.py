@@ -18,23 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import convert_file_size_to_int
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline.dtypes import SAFETENSORS_DTYPE, torch_dtype
-from pipeline.publish import building
+from pipeline.core.dtypes import SAFETENSORS_DTYPE, torch_dtype
+from pipeline.core.publish import building
+from pipeline.core.sizes import parse_size
 
 FORMAT_VERSION = 1
-
-
-def parse_size(value: str | int, key: str) -> int:
-    """'10GB' -> bytes; the error names the key and the accepted forms."""
-    try:
-        return convert_file_size_to_int(value)
-    except (ValueError, TypeError):
-        raise ValueError(
-            f"{key}={value!r} is not a size; use bytes or a number with a unit: 500MB, 10GB, 20GiB"
-        ) from None
 
 
 def _fill(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float) -> torch.Tensor:

