@@ -16,13 +16,12 @@ They select from this project's closed set of components and never name code to 
 from __future__ import annotations
 
 import re
-from dataclasses import fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import STAGE_KINDS, StageConfig
 from stages.registry import UnknownStage, lookup
 
 SPECIAL_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
@@ -59,14 +58,15 @@ def check(cfg: DictConfig) -> None:
             raise UntrustedConfig(f"stages.{kind}: unknown stage kind; the kinds are {', '.join(STAGE_KINDS)}")
     _no_special_keys(job, "", allowed={f"stages.{kind}._target_" for kind in STAGE_KINDS})
     for kind, node in stages.items():
-        stage_arguments(kind, node)
+        stage_config(kind, node)
     if "hydra" in cfg:
         _check_hydra(OmegaConf.to_container(cfg.hydra, resolve=False))
 
 
-def stage_arguments(kind: str, node: Any) -> tuple[str, dict[str, Any]]:
-    """The registry's target for stage `kind` and its arguments, checked against the stage's schema (unknown
-    keys, types, cross-field rules). Nothing named by the config is imported or called."""
+def stage_config(kind: str, node: Any) -> tuple[str, StageConfig]:
+    """The registry's target for stage `kind` and its config, checked against the stage's schema (unknown
+    keys, types, cross-field rules): the schema object the stage is built from. Nothing named by the config
+    is imported or called."""
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     if not isinstance(node, dict):
@@ -82,7 +82,7 @@ def stage_arguments(kind: str, node: Any) -> tuple[str, dict[str, Any]]:
         raise UntrustedConfig(f"stages.{kind}.{err.full_key} ({target}): {str(err).splitlines()[0]}") from None
     except ValueError as err:
         raise UntrustedConfig(f"stages.{kind} ({target}): {err}") from None
-    return target, {f.name: getattr(config, f.name) for f in fields(config) if f.name != "_target_"}
+    return target, config
 
 
 def _no_special_keys(node: Any, path: str, allowed: set[str]) -> None:

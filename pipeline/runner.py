@@ -32,8 +32,8 @@ class StageError(RuntimeError):
 def build_stage(kind: str, node: DictConfig) -> Stage:
     """The stage `node` selects, from the closed set in `stages.registry` (never resolved from the string),
     built with arguments checked against that stage's schema."""
-    target, arguments = guard.stage_arguments(kind, node)
-    return registry.load(kind, target)(**arguments)
+    target, config = guard.stage_config(kind, node)
+    return registry.load(kind, target)(config)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
@@ -54,7 +54,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
             # every stage is built, a plan's too: the plan's process then imports what the load's would
             stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
             steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if plan else STAGE_KINDS)]
-            steps += [("plan", "pipeline.plan.step.Plan", Plan(cfg.stages.stream))] if plan else []
+            steps += [("plan", "pipeline.plan.step.Plan", Plan(stages["stream"]))] if plan else []
             for kind, target, stage in steps:
                 run_stage(ctx, kind, target, stage, rec, journal)
             rec["status"] = "planned" if plan else "ok"

@@ -14,9 +14,6 @@ from stages.base import Stage
 class Finalize(Stage):
     kind = "postprocess"
 
-    def __init__(self, allow_unexpected_keys: bool = False) -> None:
-        self.allow_unexpected_keys = allow_unexpected_keys
-
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         model = ctx.require("model", self.kind)
         load_config = ctx.require("load_config", self.kind)
@@ -38,7 +35,7 @@ class Finalize(Stage):
             )
         # tensors the model has no place for (after transformers' own ignore rules, e.g. old rotary buffers)
         unexpected = sorted(info.unexpected_keys)
-        if unexpected and not self.allow_unexpected_keys:
+        if unexpected and not self.cfg.allow_unexpected_keys:
             raise CheckpointError(
                 f"{ctx.checkpoint.path}: {len(unexpected)} tensor(s) in the checkpoint have no place in the model "
                 f"built from config.json, e.g. {', '.join(unexpected[:3])}; the weights belong to another model or "

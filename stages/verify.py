@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.core.context import LoadContext
-from pipeline.core.schema import Source
+from pipeline.core.schema import Source, VerifyConfig
 from pipeline.quality import EVAL_TEXT
 from pipeline.quality.generate import generate
 from pipeline.quality.reference import reference_logits
@@ -39,21 +39,13 @@ class LogitsVerify(Stage):
 
     kind = "verify"
 
-    def __init__(
-        self,
-        text: str | None = None,
-        max_tokens: int = 512,
-        random_tokens: int = 256,
-        seed: int = 0,
-        reference: bool = True,
-        prompt: str = "Once upon a time",
-        max_new_tokens: int = 16,
-    ) -> None:
-        self.text = Path(text).expanduser() if text else EVAL_TEXT
+    def __init__(self, cfg: VerifyConfig) -> None:
+        super().__init__(cfg)
+        self.text = Path(cfg.text).expanduser() if cfg.text else EVAL_TEXT
         if not self.text.is_file():  # said before the load, not after it
-            raise ValueError(f"stages.verify.text={text}: no such file; give a UTF-8 text file")
-        self.max_tokens, self.random_tokens, self.seed = max_tokens, random_tokens, seed
-        self.reference, self.prompt, self.max_new_tokens = reference, prompt, max_new_tokens
+            raise ValueError(f"stages.verify.text={cfg.text}: no such file; give a UTF-8 text file")
+        self.max_tokens, self.random_tokens, self.seed = cfg.max_tokens, cfg.random_tokens, cfg.seed
+        self.reference, self.prompt, self.max_new_tokens = cfg.reference, cfg.prompt, cfg.max_new_tokens
 
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         model = ctx.require("model", self.kind)

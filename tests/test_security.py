@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import pipeline
 from pipeline import compose, guard, replay
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import STAGE_KINDS, BoundedStreamConfig
 from pipeline.isolate import Outcome
 from pipeline.runner import StageError, run
 from stages import registry
@@ -140,13 +140,13 @@ def test_look_alikes_and_whitespace_are_refused(target, tmp_path, counted):
     kind = registry.STAGES.get(target.strip(), ("stream",))[0]
     node = {"_target_": target}
     with pytest.raises(guard.UntrustedConfig, match="may only select"):
-        guard.stage_arguments(kind, node)
+        guard.stage_config(kind, node)
     assert counted == []
 
 
 def test_a_stage_of_another_kind_is_refused():
     with pytest.raises(guard.UntrustedConfig, match="stages.quantizer._target_='stages.stream.BoundedStreamer'"):
-        guard.stage_arguments("quantizer", {"_target_": "stages.stream.BoundedStreamer"})
+        guard.stage_config("quantizer", {"_target_": "stages.stream.BoundedStreamer"})
 
 
 SPECIAL_OVERRIDES = [
@@ -182,11 +182,12 @@ def test_instantiation_keys_anywhere_are_refused(overrides, tmp_path, counted):
 
 def test_stage_arguments_are_checked_against_the_stage_schema():
     with pytest.raises(guard.UntrustedConfig, match="stages.stream.prefetch .*many"):
-        guard.stage_arguments("stream", {"_target_": "stages.stream.BoundedStreamer", "prefetch": "many"})
+        guard.stage_config("stream", {"_target_": "stages.stream.BoundedStreamer", "prefetch": "many"})
     with pytest.raises(guard.UntrustedConfig, match="stages.quantizer.obj"):
-        guard.stage_arguments("quantizer", {"_target_": "stages.quantizer.AutoQuantizer", "obj": 1})
-    target, arguments = guard.stage_arguments("stream", {"_target_": "stages.stream.BoundedStreamer"})
-    assert target == "stages.stream.BoundedStreamer" and set(arguments) == {"progress", "kernel", "prefetch"}
+        guard.stage_config("quantizer", {"_target_": "stages.quantizer.AutoQuantizer", "obj": 1})
+    target, config = guard.stage_config("stream", {"_target_": "stages.stream.BoundedStreamer"})
+    assert target == "stages.stream.BoundedStreamer" and isinstance(config, BoundedStreamConfig)
+    assert (config.progress, config.kernel.value, config.prefetch) == (True, "auto", 0)  # the schema's defaults
 
 
 HYDRA_OVERRIDES = [

@@ -175,15 +175,21 @@ class StreamConfig(StageConfig):
 
 
 class Kernel(str, Enum):
-    auto = "auto"  # fast for weights placed on the CPU, bitsandbytes' own kernel elsewhere
-    bnb = "bnb"
-    fast = "fast"
+    auto = "auto"  # fast for weights placed on the CPU, the quantizer's own op elsewhere
+    quantizer = "quantizer"  # always the quantizer's own op (transformers' convert, the backend's kernel)
+    fast = "fast"  # our byte-identical compiled CPU kernels (CPU-placed weights only)
 
 
 @dataclass
 class BoundedStreamConfig(StreamConfig):
     kernel: Kernel = Kernel.auto
-    prefetch: int = 0  # tensors read ahead on a thread while the current one is quantized; 0 reads in line
+    # tensors read ahead on a thread while the current one is quantized; 0 (default) reads in line: on 2 cores
+    # the reader thread slowed the 2-thread kernel more than it hid
+    prefetch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 0:
+            raise ValueError(f"stages.stream.prefetch={self.prefetch}; use 0 (no read-ahead) or more")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 The runner runs the stages up to `device_map` (config merge, quantizer, env check, the quantized skeleton on
 the meta device, the device map) and then this step, which adds up what each module will hold as the
-quantizer stores it, replays the bounded streamer on those sizes (plan_stream.py) to predict the load's peak
-RSS, and measures the fast CPU kernels' own cost where the load will use them (plan_probe.py). Its facts go
+quantizer stores it, and asks the run's stream stage what it would hold (`StreamStage.plan`: the streamer's
+memory model, stages/stream/plan.py, which measures the fast CPU kernels' own cost where the load uses them,
+stages/stream/probe.py) to predict the load's peak RSS. Its facts go
 into the run record (stage `plan`, and a top-level `plan` summary) under run status `planned`.
 """
 
@@ -19,8 +20,7 @@ from transformers.integrations.accelerate import compute_module_sizes
 from pipeline.core.context import LoadContext
 from pipeline.core.placement import compact_names, device_of
 from pipeline.core.schema import STAGE_KINDS
-from stages.stream.plan import read_order, replay
-from stages.stream.probe import KernelCost, probe
+from stages.stream.base import StreamStage
 
 PLAN_KINDS = STAGE_KINDS[: STAGE_KINDS.index("device_map") + 1]
 GPU_SIZES_GIB = (24, 40, 80)
@@ -47,37 +47,30 @@ def summary(facts: dict[str, Any]) -> dict[str, Any]:
 class Plan:
     """The planning step: footprint, per-device bytes, unquantized modules, largest layer, predicted peak.
 
-    `stream` is the run's `stages.stream` config: the peak is modeled on the bounded streamer with its
-    `prefetch` and `kernel`; another streamer is planned as if it were that one, and the facts say so."""
+    The peak comes from the run's own stream stage (`StreamStage.plan`), with that stage's settings: the
+    memory model lives beside the streamer it models, so the two cannot drift."""
 
     kind = "plan"
 
-    def __init__(self, stream: Any) -> None:
-        self.target = str(stream.get("_target_", ""))
-        self.prefetch = int(stream.get("prefetch", 2))
-        kernel = stream.get("kernel", "auto")
-        self.kernel = str(getattr(kernel, "value", kernel))
+    def __init__(self, stream: StreamStage) -> None:
+        self.stream = stream
 
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
-        from stages.stream.memory import return_freed_memory  # the streamer's package: imported when needed
-
         base = psutil.Process().memory_info().rss  # where the stream stage would start
-        return_freed_memory()  # as the streamer does first: the probe's allocations then behave like the load's
         model, quantizer = ctx.require("model", self.kind), ctx.quantizer
-        module_sizes, leaf_sizes = compute_module_sizes(model, quantizer)
         over = ctx.facts.get("device_map", {}).get("does_not_fit")
         # a map that does not fit sends what is over the budgets to disk: plan the load that would fit, with
         # those modules on the CPU, as a larger budget would place them
         mapped = {m: "cpu" if d == "disk" else d for m, d in ctx.device_map.items()} if over else ctx.device_map
-        kernels = self._probe_kernels(ctx, mapped)
-        reads = read_order(ctx)
-        load = replay(ctx, reads, base, self.prefetch, kernels, device_map=mapped)
-        one_gpu = replay(ctx, reads, base, self.prefetch, {}, device_map={"": 0})
+        stream = self.stream.plan(ctx, base, mapped)
+        module_sizes, leaf_sizes = compute_module_sizes(model, quantizer)
+        load = stream.load
         per_device: Counter = Counter(load.quant_state)
         for leaf, size in leaf_sizes.items():  # buffers too (rotary tables): they are in no checkpoint
             per_device[str(device_of(mapped, leaf))] += int(size)
-        single = int(one_gpu.peak["0"])
+        single = int(stream.one_gpu.peak["0"])
         unquantized = unquantized_modules(model, quantizer, leaf_sizes)
+        target = type(self.stream).__module__ + "." + type(self.stream).__name__
         return {
             "model": ctx.cfg.model.name,
             "quant": ctx.cfg.quant.name,
@@ -100,27 +93,12 @@ class Plan:
             "fits": over is None,
             "over_bytes": over["over_bytes"] if over else 0,
             "does_not_fit": over,
-            "streamer": self.target,
-            "peak_model": "bounded streamer"
-            + ("" if self.target.endswith("BoundedStreamer") else " (not the one set)"),
-            "prefetch": self.prefetch,
-            "kernels": {k: c.to_dict() for k, c in kernels.items()},
-            "tensors": len(reads),
+            "streamer": target,
+            "peak_model": "its own" if self.stream.plan_is_exact else "the bounded streamer's (an estimate)",
+            "prefetch": self.stream.prefetch,
+            "kernels": {k: c.to_dict() for k, c in stream.kernels.items()},
+            "tensors": stream.tensors,
         }
-
-    def _probe_kernels(self, ctx: LoadContext, device_map: dict[str, Any]) -> dict[str, KernelCost]:
-        """Measure the fast CPU kernel the load will run, if it runs one: a CPU-placed weight to quantize,
-        a bounded streamer with kernel auto or fast."""
-        if ctx.quantizer is None or ctx.quantizer.pre_quantized or self.kernel == "bnb":
-            return {}
-        for name, param in ctx.model.named_parameters():
-            on_cpu = str(device_of(device_map, name.rpartition(".")[0])) == "cpu"
-            if not on_cpu or not ctx.quantizer.param_needs_quantization(ctx.model, name):
-                continue
-            if hasattr(param, "blocksize"):
-                return {"4bit": probe("4bit", ctx.dtype, param.blocksize, param.quant_type)}
-            return {"int8": probe("int8", ctx.dtype)}
-        return {}
 
 
 def largest_layer(model: Any, module_sizes: dict[str, int]) -> dict[str, Any]:

@@ -30,22 +30,21 @@ from transformers.modeling_utils import LoadStateDictInfo
 from pipeline.checkpoints.checkpoint import CheckpointError
 from pipeline.core.context import LoadContext
 from pipeline.core.holdpoint import hold
+from pipeline.core.schema import BoundedStreamConfig
 from stages.stream.base import StreamStage
 from stages.stream.memory import return_freed_memory
 from stages.stream.prequantized import PrequantizedGroups
-from stages.stream.quantize import KERNELS, quantize
+from stages.stream.quantize import quantize
 from stages.stream.reader import read_tensors
 
 
 class BoundedStreamer(StreamStage):
-    def __init__(self, progress: bool = True, kernel: str = "auto", prefetch: int = 0) -> None:
-        super().__init__(progress)
-        kernel = getattr(kernel, "value", kernel)
-        if kernel not in KERNELS:
-            raise ValueError(f"stages.stream.kernel={kernel!r}; valid: {', '.join(KERNELS)}")
-        if prefetch < 0:
-            raise ValueError(f"stages.stream.prefetch={prefetch}; use 0 (no read-ahead) or more")
-        self.kernel, self.prefetch = kernel, prefetch
+    cfg: BoundedStreamConfig
+    plan_is_exact = True
+
+    def __init__(self, cfg: BoundedStreamConfig) -> None:
+        super().__init__(cfg)
+        self.kernel, self.prefetch = cfg.kernel.value, cfg.prefetch
 
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         model = ctx.require("model", self.kind)
@@ -78,7 +77,7 @@ class BoundedStreamer(StreamStage):
         return_freed_memory()
         shard_stats: dict[str, dict] = {}
         size = sum(f.stat().st_size for f in ctx.checkpoint.files)
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.progress)
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.cfg.progress)
         t0 = time.perf_counter()
         for shard, key, tensor in read_tensors(ctx.checkpoint.files, self.prefetch):
             target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)

@@ -24,7 +24,7 @@ class TransformersStreamer(StreamStage):
         if ctx.pre_quantized and is_bnb(ctx.quantizer):
             stored_state(ctx)  # every quantized layer's state is in the checkpoint, checked before reading
         ctx.load_config = self.load_config(ctx)
-        if not self.progress:
+        if not self.cfg.progress:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         files = [str(f) for f in ctx.checkpoint.files]
         ctx.loading_info, ctx.disk_offload_index = type(model)._load_pretrained_model(

@@ -1,4 +1,4 @@
-"""The bounded streamer's load replayed on sizes alone: what each device holds, tensor by tensor.
+"""The bounded streamer's memory model: its load simulated on sizes alone, what each device holds, tensor by tensor.
 
 The streamer (stages/stream/bounded.py) reads tensors in file order, each shard's keys sorted, with up to
 `prefetch` tensors queued and one more held by the reader thread; it converts the current tensor (cast,
@@ -24,7 +24,7 @@ from pipeline.checkpoints import checkpoint, synthetic
 from pipeline.core.context import LoadContext
 from pipeline.core.placement import device_of
 from pipeline.core.sizes import parse_size
-from stages.stream.probe import KernelCost
+from stages.stream.probe import KernelCost, probe
 
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
@@ -45,8 +45,8 @@ class Read:
 
 
 @dataclass
-class Replay:
-    """What the replay found: resident bytes per device, peaks per device, and where the host peak falls."""
+class Simulation:
+    """What the simulation found: resident bytes per device, peaks per device, and where the host peak falls."""
 
     resident: Counter = field(default_factory=Counter)
     quant_state: Counter = field(default_factory=Counter)
@@ -95,15 +95,15 @@ def quant_state_bytes(param: Any, numel: int) -> int:
     return 0
 
 
-def replay(
+def simulate(
     ctx: LoadContext,
     reads: list[Read],
     base: int,
     prefetch: int,
     kernels: dict[str, KernelCost],
     device_map: dict[str, Any] | None = None,
-) -> Replay:
-    """Replay the bounded streamer over `reads`; `base` is the process RSS before the stream, `kernels` the
+) -> Simulation:
+    """Simulate the bounded streamer over `reads`; `base` is the process RSS before the stream, `kernels` the
     measured cost of each fast CPU kernel ('4bit', 'int8') the load uses, `device_map` ctx's unless given."""
     model, quantizer, dtype = ctx.model, ctx.quantizer, ctx.dtype
     device_map = ctx.device_map if device_map is None else device_map
@@ -111,7 +111,7 @@ def replay(
     mapping = get_model_conversion_mapping(model, None, None)
     renamings = [w for w in mapping if isinstance(w, WeightRenaming)]
     converters = [w for w in mapping if isinstance(w, WeightConverter)]
-    out = Replay()
+    out = Simulation()
     out.peak["cpu"] = base
     kernel_resident = 0
     used: set[str] = set()  # kernels already compiled
@@ -174,3 +174,41 @@ def replay(
     end = base + out.resident["cpu"] + out.quant_state["cpu"] + kernel_resident
     out.peak["cpu"] = max(out.peak["cpu"], end)
     return out
+
+
+def probe_kernels(ctx: LoadContext, device_map: dict[str, Any], kernel: str) -> dict[str, KernelCost]:
+    """Measure the fast CPU kernel the load will run, if it runs one: a CPU-placed weight to quantize and
+    `kernel` auto or fast."""
+    if ctx.quantizer is None or ctx.quantizer.pre_quantized or kernel == "quantizer":
+        return {}
+    for name, param in ctx.model.named_parameters():
+        on_cpu = str(device_of(device_map, name.rpartition(".")[0])) == "cpu"
+        if not on_cpu or not ctx.quantizer.param_needs_quantization(ctx.model, name):
+            continue
+        if hasattr(param, "blocksize"):
+            return {"4bit": probe("4bit", ctx.dtype, param.blocksize, param.quant_type)}
+        return {"int8": probe("int8", ctx.dtype)}
+    return {}
+
+
+@dataclass
+class StreamPlan:
+    """A stream stage's answer to "what would you take?": the load as mapped, the same weights all on one GPU,
+    the kernels' measured costs, and how many tensors it reads."""
+
+    load: Simulation
+    one_gpu: Simulation
+    kernels: dict[str, KernelCost]
+    tensors: int
+
+
+def plan(ctx: LoadContext, base: int, device_map: dict[str, Any], prefetch: int, kernel: str) -> StreamPlan:
+    """The bounded streamer's memory with these settings, from RSS `base` where the stage would start."""
+    kernels = probe_kernels(ctx, device_map, kernel)
+    reads = read_order(ctx)
+    return StreamPlan(
+        load=simulate(ctx, reads, base, prefetch, kernels, device_map=device_map),
+        one_gpu=simulate(ctx, reads, base, prefetch, {}, device_map={"": 0}),
+        kernels=kernels,
+        tensors=len(reads),
+    )

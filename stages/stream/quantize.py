@@ -1,11 +1,11 @@
 """How the bounded streamer turns one full-precision weight into its quantized parameter.
 
 Two choices, picked by `stages.stream.kernel`:
-- `bnb`: transformers' own quantize op (`Params4bit(...).to(device)`, `Int8Params(...).to(device)`), which
+- `quantizer`: transformers' own quantize op (`Params4bit(...).to(device)`, `Int8Params(...).to(device)`), which
   runs bitsandbytes' kernel for the device: its CUDA kernel on a GPU, its generic torch code on a CPU.
 - `fast`: the same parameters built from `kernels.py`, our byte-identical CPU kernels, 20-40x faster than
-  bitsandbytes' CPU path. Only for weights placed on the CPU; anything else goes to `bnb`.
-`auto` (the default) is `fast` for CPU-placed weights and `bnb` elsewhere.
+  bitsandbytes' CPU path. Only for weights placed on the CPU; anything else goes to `quantizer`.
+`auto` (the default) is `fast` for CPU-placed weights and `quantizer` elsewhere.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from stages.stream import kernels
 
-KERNELS = ("auto", "bnb", "fast")
-
 
 def quantize(model, quantizer, name: str, value: torch.Tensor, kernel: str) -> torch.Tensor:
     """The quantized parameter for `name` from its full-precision `value` (already on its device)."""
-    if kernel == "bnb" or value.device.type != "cpu":
+    if kernel == "quantizer" or value.device.type != "cpu":
         return quantizer.get_quantize_ops().convert({name: value}, model=model, full_layer_name=name)[name]
     module, _ = get_module_from_name(model, name)
     placeholder = model.get_parameter_or_buffer(name)
@@ -33,7 +31,7 @@ def quantize(model, quantizer, name: str, value: torch.Tensor, kernel: str) -> t
         return _params4bit(module, placeholder, value)
     if isinstance(placeholder, bnb.nn.Int8Params):
         return _int8params(placeholder, value)
-    raise TypeError(f"{name}: no fast kernel for {type(placeholder).__name__}; use stages.stream.kernel=bnb")
+    raise TypeError(f"{name}: no fast kernel for {type(placeholder).__name__}; use stages.stream.kernel=quantizer")
 
 
 def _params4bit(module, placeholder: bnb.nn.Params4bit, w: torch.Tensor) -> bnb.nn.Params4bit:
