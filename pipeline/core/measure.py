@@ -46,20 +46,45 @@ def ru_maxrss_bytes() -> int:
 
 
 class _Sampler(threading.Thread):
-    def __init__(self) -> None:
+    def __init__(self, interval: float) -> None:
         super().__init__(daemon=True, name="rss-sampler")
-        self.proc = psutil.Process()
+        self.proc, self.interval = psutil.Process(), interval
         self.peak = self.proc.memory_info().rss
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self.stop_event.wait(SAMPLE_S):
+        while not self.stop_event.wait(self.interval):
             self.peak = max(self.peak, self.proc.memory_info().rss)
 
     def stop(self) -> int:
         self.stop_event.set()
         self.join()
         return max(self.peak, self.proc.memory_info().rss)
+
+
+@dataclass
+class PeakRss:
+    """RSS when a block began, and its peak once the block has ended (bytes)."""
+
+    start: int
+    peak: int = 0
+
+
+@contextmanager
+def peak_rss(interval: float = SAMPLE_S) -> Iterator[PeakRss]:
+    """The peak RSS of the enclosed block: sampled every `interval` seconds, and raised to the kernel's
+    `ru_maxrss` when the block set a new process-wide peak (one the samples may have missed)."""
+    maxrss_before = ru_maxrss_bytes()
+    sampler = _Sampler(interval)
+    result = PeakRss(start=sampler.peak)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        result.peak = sampler.stop()
+        maxrss_after = ru_maxrss_bytes()
+        if maxrss_after > maxrss_before:
+            result.peak = max(result.peak, maxrss_after)
 
 
 @contextmanager
@@ -70,21 +95,17 @@ def track() -> Iterator[Metrics]:
     if cuda:
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
-    maxrss_before = ru_maxrss_bytes()
-    sampler = _Sampler()
-    m.rss_start_mb = _mb(sampler.peak)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    sampler.start()
     try:
-        yield m
+        with peak_rss() as rss:
+            m.rss_start_mb = _mb(rss.start)
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            try:
+                yield m
+            finally:
+                m.wall_s = round(time.perf_counter() - wall0, 4)
+                m.cpu_s = round(time.process_time() - cpu0, 4)
     finally:
-        peak = sampler.stop()
-        m.wall_s = round(time.perf_counter() - wall0, 4)
-        m.cpu_s = round(time.process_time() - cpu0, 4)
-        maxrss_after = ru_maxrss_bytes()
-        if maxrss_after > maxrss_before:  # a new process-wide peak was set inside this block
-            peak = max(peak, maxrss_after)
-        m.rss_peak_mb = _mb(peak)
+        m.rss_peak_mb = _mb(rss.peak)
         m.rss_end_mb = _mb(psutil.Process().memory_info().rss)
         if cuda:
             for i in range(torch.cuda.device_count()):

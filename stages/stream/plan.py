@@ -22,12 +22,10 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 
 from pipeline.checkpoints import checkpoint, synthetic
 from pipeline.core.context import LoadContext
+from pipeline.core.dtypes import SAFETENSORS
 from pipeline.core.placement import device_of
 from pipeline.core.sizes import parse_size
 from stages.stream.probe import KernelCost, probe
-
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 
 @dataclass
@@ -64,7 +62,7 @@ def read_order(ctx: LoadContext) -> list[Read]:
             if ctx.checkpoint.format == checkpoint.PICKLE:  # memory-mapped: sizes and dtypes, no data read
                 tensors = checkpoint.load_pickle(shard)
                 for key, t in sorted(tensors.items()):
-                    dtype = t.dtype if t.dtype in _DTYPES.values() else None
+                    dtype = t.dtype if t.dtype.is_floating_point else None
                     reads.append(Read(key, t.numel(), t.element_size(), dtype))
                 del tensors
                 continue
@@ -72,7 +70,9 @@ def read_order(ctx: LoadContext) -> list[Read]:
                 for key in f.keys():
                     sl = f.get_slice(key)
                     name = sl.get_dtype()
-                    reads.append(Read(key, math.prod(sl.get_shape()), _ITEMSIZE.get(name, 2), _DTYPES.get(name)))
+                    dtype = SAFETENSORS.get(name, torch.float16)
+                    floating = dtype if dtype.is_floating_point else None
+                    reads.append(Read(key, math.prod(sl.get_shape()), dtype.itemsize, floating))
         return reads
     dtype = ctx.model_config.dtype if isinstance(ctx.model_config.dtype, torch.dtype) else torch.float16
     itemsize = torch.empty((), dtype=dtype).element_size()

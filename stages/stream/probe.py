@@ -10,7 +10,6 @@ twice, with a fast RSS sampler.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import psutil
 import torch
 
-from pipeline.core.measure import ru_maxrss_bytes
+from pipeline.core.measure import peak_rss
 
 PROBE_SHAPE = (4096, 1024)  # four of the kernels' 2**20-element chunks: past it the working set stays flat
 
@@ -47,25 +46,9 @@ def _rss() -> int:
 def _peak_during(fn: Callable[[], Any]) -> tuple[int, int, Any]:
     """(RSS at start, peak RSS while fn ran, fn's result). Sampled every 0.2 ms (a kernel call lasts ms);
     compiling spikes for less than that, which the kernel's high-water mark catches when it sets a new one."""
-    maxrss_before = ru_maxrss_bytes()
-    start = _rss()
-    peak = [start]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.0002):
-            peak[0] = max(peak[0], _rss())
-
-    thread = threading.Thread(target=sample, daemon=True, name="plan-probe-rss")
-    thread.start()
-    try:
+    with peak_rss(interval=0.0002) as rss:
         result = fn()
-    finally:
-        done.set()
-        thread.join()
-    maxrss_after = ru_maxrss_bytes()
-    kernel_peak = maxrss_after if maxrss_after > maxrss_before else 0
-    return start, max(peak[0], _rss(), kernel_peak), result
+    return rss.start, max(rss.peak, _rss()), result
 
 
 def _nbytes(out: Any) -> int:
