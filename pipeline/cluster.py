@@ -142,13 +142,26 @@ def final_states(ids: list[str]) -> dict[str, dict[str, str]]:
     return {i: states[i] for i in ids if i in states}
 
 
-def describe(job_id: str, state: dict[str, str]) -> str:
-    """One line: what Slurm did to the job and why, as Slurm says it."""
+def describe(job_id: str, state: dict[str, str], stepd: list[str] = ()) -> str:
+    """One line: what Slurm did to the job and why, as Slurm says it (and slurmstepd, in the job's log)."""
     name = state.get("JobState", "UNKNOWN")
-    what = ENDED_BY_SLURM.get(name, "ended")
+    memory = [line for line in stepd if "memory limit" in line]
+    what = ENDED_BY_SLURM["OUT_OF_MEMORY"] if memory else ENDED_BY_SLURM.get(name, "ended")
     labels = {"Reason": "reason", "TimeLimit": "time limit", "ExitCode": "exit code", "NodeList": "node"}
     details = [f"{label} {state[k]}" for k, label in labels.items() if state.get(k) not in (None, "", "None")]
-    return f"Slurm job {job_id} {what}: {name} ({', '.join(details)}; from {state.get('source')})"
+    why = f"Slurm job {job_id} {what}: {name} ({', '.join(details)}; from {state.get('source')})"
+    return f"{why}; slurmstepd: {memory[0]}" if memory else why
+
+
+def stepd_errors(log: Path) -> list[str]:
+    """What slurmstepd wrote into a job's log when it killed the job (without cgroups Slurm's state for a
+    memory kill is only FAILED; the log says "exceeded memory limit")."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    said = [line.split("error:", 1)[1].strip() for line in lines if line.startswith("slurmstepd") and "error:" in line]
+    return list(dict.fromkeys(said))
 
 
 def active(ids: list[str]) -> set[str] | None:
@@ -182,7 +195,9 @@ def wait(jobs: list[Any], poll_s: float = 1.0, max_poll_s: float = 10.0) -> None
         raise
 
 
-def record_end(job_dir: Path, cfg: Any, job_id: str, state: dict[str, str] | None, why: str) -> Path:
+def record_end(
+    job_dir: Path, cfg: Any, job_id: str, state: dict[str, str] | None, why: str, stepd: list[str] | None = None
+) -> Path:
     """Write the run.json of a job that Slurm ended: the job's own record when it wrote one (a load killed
     by Slurm's signal), now failed and with Slurm's reason; else one made from its stages.jsonl."""
     from pipeline import isolate, record
@@ -210,6 +225,8 @@ def record_end(job_dir: Path, cfg: Any, job_id: str, state: dict[str, str] | Non
         facts.setdefault("time_limit", state.get("TimeLimit"))
         facts.setdefault("tres", state.get("TRES"))
         facts["state_from"] = state.get("source")
+    if stepd:
+        facts["slurmstepd"] = stepd
     facts["recorded_by"] = "the sweep's process"
     rec["slurm"] = facts
     record.write_json_atomic(path, rec)
@@ -267,11 +284,12 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
         task_cfg = copy.deepcopy(cfg)
         with open_dict(task_cfg):
             del task_cfg["hydra"]
+        stepd = stepd_errors(job.paths.stderr)
         if ended_by_slurm:
-            why = describe(job.job_id, state)
+            why = describe(job.job_id, state, stepd)
         else:
             why = f"Slurm job {job.job_id} ended without a result ({error or 'no result file'}; Slurm state {state})"
-        path = record_end(job_dir, task_cfg, job.job_id, state, why)
+        path = record_end(job_dir, task_cfg, job.job_id, state, why, stepd)
         job_name = f"job {num} ({' '.join(filter_overrides(overrides))})"
         print(f"\nerror: {job_name}: {why}\nrecord: {path}", file=sys.stderr)
         failure = JobFailed(
