@@ -255,6 +255,8 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     sweep_dir = Path(str(config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in config.hydra.sweep:  # as hydra-submitit-launcher does
+        os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
     numbered = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
     args = [(o, "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state()) for n, o in numbered]
     jobs = executor.map_array(launcher, *zip(*args, strict=True))

@@ -48,7 +48,7 @@ write_conf() {
   cat >"$CONF.tmp" <<EOF
 $MARK; scripts/local_slurm.sh stop, then remove it
 ClusterName=qload-local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -78,7 +78,7 @@ JobCompLoc=$LOGS/jobcomp.log
 MinJobAge=600
 KillWait=10
 InactiveLimit=0
-$node State=UNKNOWN
+$node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   mv "$CONF.tmp" "$CONF"
