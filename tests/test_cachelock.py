@@ -176,3 +176,26 @@ def test_a_live_owner_on_this_host_is_waited_for_not_taken_over(tmp_path):
     holder.join()
     assert waited >= 1.4 and facts["took_over"] is None
     assert not lock.exists()
+
+
+def test_four_sweep_jobs_at_once_on_a_fresh_cache_load_one_checkpoint_built_once(tmp_path):
+    """The same through the whole pipeline: four jobs of a local-launcher sweep (each its own process, all
+    started at once) on an empty cache_dir. Whether the others wait for the build or find it done depends on
+    timing; the test above makes them overlap for certain."""
+    from tests.test_sweeps import sweep
+
+    proc, records = sweep(
+        tmp_path / "sweep",
+        tmp_path / "cache",
+        "hydra/launcher=local",
+        "model.architecture.hidden_size=1024",
+        "model.architecture.intermediate_size=2816",
+        "quant=nf4,fp4,int8,nf4_double",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(records) == [0, 1, 2, 3] and all(r["status"] == "ok" for r in records.values())
+    assert len({r["checkpoint"]["fingerprint"] for r in records.values()}) == 1
+    events = [e for r in records.values() for e in r.get("cache", [])]
+    assert [e["built"] for e in events].count(True) == 1, events
+    assert len({r["process"]["pid"] for r in records.values()}) == 4
+    print(f"4 jobs: 1 built, {len(events) - 1} waited for it, {4 - len(events)} found it done")
