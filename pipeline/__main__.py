@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import guard
+from pipeline import cluster, guard
 from pipeline.core import schema
 from pipeline.isolate import EXIT_INTERRUPTED, JobFailed, run_isolated
 
@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     job_logging = OmegaConf.to_container(hydra_cfg.job_logging, resolve=True) if hydra_cfg.job_logging else None
-    outcome = run_isolated(cfg, out_dir, job_logging=job_logging)
+    outcome = run_isolated(cfg, out_dir, job_logging=job_logging, extra=cluster.job_facts())
     where = f"record: {out_dir / 'run.json'}" if outcome.written else f"record: not written ({out_dir / 'run.json'})"
     if outcome.ok:
         print(where)

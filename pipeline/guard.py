@@ -29,6 +29,7 @@ LAUNCHERS = (
     "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
     "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
     "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    "hydra_plugins.qload_slurm.QloadSlurmLauncher",
 )
 SWEEPERS = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",)
 LOGGING_CLASSES = (

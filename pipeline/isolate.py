@@ -96,7 +96,7 @@ def run_isolated(
     if rec is not None:
         return Outcome(status, _message(status, rec), rec)
     status = status or EXIT_LOAD_FAILED
-    rec = _crash_record(cfg, out_dir, f"the load process ended without a record: {_describe(status)}")
+    rec = _crash_record(cfg, out_dir, f"the load process ended without a record: {_describe(status)}") | (extra or {})
     try:
         record.write_json_atomic(path, rec)
     except record.RecordError as err:
@@ -186,6 +186,10 @@ def _load(payload: bytes) -> None:
         "ru_maxrss_at_start_mb": at_start,
     }
     additions: dict[str, Any] = {"process": process, **extra}
+    from pipeline.core import cachelock
+
+    if cachelock.events():  # what this load built in the shared cache, or waited for another job to build
+        additions["cache"] = cachelock.events()
     if model is not None and cfg.prompt:
         try:
             additions["generation"] = _generate(model, cfg.prompt, cfg.max_new_tokens)

@@ -221,6 +221,8 @@ def test_hydra_nodes_are_a_closed_set_too(argv, tmp_path, counted):
         ["-m", "quant=nf4,fp4,int8", "dtype=fp16,bf16"],
         ["-m", "experiment=quant_sweep"],
         ["hydra/launcher=local", "stages/stream=transformers", "stages/verify=logits"],
+        ["-m", "hydra/launcher=slurm", "quant=nf4,fp4"],
+        ["-m", "hydra/launcher=slurm_gpu", "hydra.launcher.partition=a100"],
         ["+hydra.job.env_set.OMP_NUM_THREADS=2"],
     ],
 )

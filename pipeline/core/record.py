@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # this repository (for the git state in records)
 
 
 def _json_default(obj: Any) -> Any:

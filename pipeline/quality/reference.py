@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.core import cachelock
 from pipeline.core.dtypes import torch_dtype
 
 FORMAT_VERSION = 1
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the folder holding the pipeline package
 
 
 def ids_hash(ids: torch.Tensor) -> str:
@@ -59,8 +60,11 @@ def reference_logits(
     """(logits [tokens, vocab], facts): from the cache, or computed in a child process and cached."""
     target = cache_file(cache_dir, fingerprint, dtype, device, ids)
     facts: dict[str, Any] = {"file": str(target), "dtype": str(dtype).removeprefix("torch."), "device": device.type}
-    if not target.exists():
-        facts |= _compute_in_child(checkpoint, dtype, device, ids, target)
+    if not target.exists():  # jobs sharing cache_dir: one computes, the others wait (pipeline/core/cachelock.py)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cachelock.build_once(
+            target, Path.exists, lambda: facts.update(_compute_in_child(checkpoint, dtype, device, ids, target))
+        )
     facts.setdefault("cached", True)
     stored = load_file(target)
     if not torch.equal(stored["ids"], ids.to(torch.int64)):

@@ -36,6 +36,7 @@ class RunSummary:
     footprint_mb: float | None = None
     quality: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    slurm: dict[str, Any] = field(default_factory=dict)  # a cluster job's ids, node, allocation, how Slurm ended it
     label: str = ""  # filled in by `label_runs`: the settings that tell this run from the others
 
     @property
@@ -114,6 +115,7 @@ def summarize(path: Path) -> RunSummary:
         raise RunsError(f"{path / 'run.json'}: not a readable run record ({err})") from None
     settings = _hydra_settings(path) or _config_settings(rec.get("config") or {})
     run = RunSummary(path=path, status=str(rec.get("status")), settings=settings, error=rec.get("error"))
+    run.slurm = rec.get("slurm") or {}
     for stage in rec.get("stages") or []:
         m, name = stage.get("metrics") or {}, stage["stage"]
         if run.start_mb is None:

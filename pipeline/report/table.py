@@ -48,6 +48,10 @@ def columns(runs: list[RunSummary], differing: list[str]) -> list[Column]:
     root = common_dir(runs)
     cols = [Column("run", lambda r: r.path.relative_to(root) if r.path != root else r.path.name)]
     cols += [Column(k, lambda r, k=k: r.settings.get(k)) for k in differing]
+    if any(r.slurm for r in runs):  # a cluster sweep: which job, where, and how Slurm ended the ones it killed
+        cols += [Column("slurm job", lambda r: r.slurm.get("id")), Column("node", lambda r: r.slurm.get("node"))]
+        if any(r.slurm.get("state") for r in runs):
+            cols += [Column("slurm state", lambda r: r.slurm.get("state"))]
     cols += [
         Column("status", lambda r: r.status),
         Column("load s", lambda r: r.load_s, "{:.3f}"),
