@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import bitsandbytes as bnb
 import pytest
@@ -16,6 +17,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
+from pipeline import compose
+from pipeline.plan_format import describe
 from pipeline.schema import STAGE_KINDS
 from tests.conftest import assert_same_weights
 
@@ -220,3 +223,34 @@ def test_gpt2_conv1d_through_bitsandbytes_own_kernel(load, tmp_path, quant):
     ours, *_ = load(f"model.path={path}", f"quant={quant}", "stages.stream.kernel=bnb", "stages.stream.prefetch=2")
     assert_same_weights(ours, fast)
     assert torch.equal(logits(ours), logits(fast))
+
+
+# model configs of these families at their real sizes, for plans: the causal-LM class and the parameter count
+# of the hub checkpoint (a tied embedding counted once), which the YAML's architecture numbers must reproduce
+FAMILY_CONFIGS = {
+    "mistral_7b": ("MistralForCausalLM", 7_241_732_096),
+    "qwen2_5_7b": ("Qwen2ForCausalLM", 7_615_616_512),
+    "gemma_2_9b": ("Gemma2ForCausalLM", 9_241_705_984),
+    "phi3_mini": ("Phi3ForCausalLM", 3_821_079_552),
+    "mixtral_8x7b": ("MixtralForCausalLM", 46_702_792_704),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
+def test_family_config_plans_offline_in_under_30_s(load, monkeypatch, name):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    _, record, _ = load("plan=true", f"model={name}", "quant=nf4")
+    assert time.perf_counter() - t0 < 30
+    assert record["status"] == "planned" and record["checkpoint"] is None
+    plan = next(s["facts"] for s in record["stages"] if s["stage"] == "plan")
+    assert plan["architecture_from"] == "model YAML"
+    preprocess = record["stages"][STAGE_KINDS.index("preprocess")]["facts"]
+    arch = compose([f"model={name}"]).model.architecture
+    tied = arch["vocab_size"] * arch["hidden_size"] if arch["tie_word_embeddings"] else 0  # untied until the load
+    assert (preprocess["model_class"], preprocess["parameters"] - tied) == FAMILY_CONFIGS[name]
+    experts = [m for m in plan["unquantized"]["modules"] if m.endswith("mlp.experts")]
+    # bitsandbytes quantizes nn.Linear layers; the fused 3-D expert parameters stay in the run's dtype
+    assert len(experts) == (arch["num_hidden_layers"] if "num_local_experts" in arch else 0)
+    if experts:  # printed as one entry, not one per layer
+        assert re.search(rf"model\.layers\.0-{len(experts) - 1}\.mlp\.experts [\d.]+ GiB each", describe(plan))
