@@ -266,6 +266,19 @@ def test_family_config_plans_offline_in_under_30_s(load, monkeypatch, name):
         assert re.search(rf"model\.layers\.0-{len(experts) - 1}\.mlp\.experts [\d.]+ GiB each", describe(plan))
 
 
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_moe_prequantized_round_trip(load, tmp_path, quant):
+    """A quantized Mixtral saved by save_pretrained (experts back one per expert) reloads identically."""
+    original, *_ = load(f"model.path={save('mixtral', tmp_path / 'mixtral')}", f"quant={quant}")
+    original.save_pretrained(tmp_path / "saved", max_shard_size="40KB")
+    weight_map = json.loads((tmp_path / "saved" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(re.search(CONVERTED["mixtral"]["experts.gate_up_proj"], k) for k in weight_map)
+    reloaded, record, _ = load(f"model.path={tmp_path / 'saved'}", f"quant={quant}")
+    assert record["stages"][STAGE_KINDS.index("quantizer")]["facts"]["pre_quantized"] is True
+    assert sum(record["stages"][STAGE_KINDS.index("stream")]["facts"]["conversions"]["converted"].values()) == 4
+    assert_same_weights(original, reloaded)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_moe_plan_predicts_the_peak_of_fusing_experts(cache_dir, tmp_path, quant):
