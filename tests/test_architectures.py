@@ -15,12 +15,14 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from pipeline import checkpoint as checkpoints
 from pipeline import compose, synthetic
 from pipeline.isolate import run_isolated
 from pipeline.plan_format import describe
+from pipeline.runner import StageError
 from pipeline.schema import STAGE_KINDS
 from tests.conftest import assert_same_weights
 
@@ -313,3 +315,18 @@ MOE_MID = {
     "num_attention_heads": 8,
     "num_key_value_heads": 2,
 }
+
+
+def test_an_expert_of_another_size_fails_naming_the_fused_parameter(load, tmp_path):
+    path = save("mixtral", tmp_path / "mixtral")
+    key = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    shard = path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][key]
+    with safe_open(shard, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(StageError) as err:
+        load(f"model.path={path}", "quant=nf4")
+    assert err.value.stage == "stream"
+    assert f"{path}: fusing the 8 checkpoint tensors of 'model.layers.1.mlp.experts.gate_up_proj'" in str(err.value)
+    assert "stack expects each tensor to be equal size" in str(err.value), str(err.value)

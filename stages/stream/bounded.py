@@ -90,7 +90,9 @@ class BoundedStreamer(StreamStage):
                 for name, value in groups.add(key, tensor).items():
                     place(name, value)
             elif pattern is not None and target in conversions.members:
-                for name, value in conversions.add(key, target, pattern, tensor, model, info).items():
+                for name, value in conversions.add(
+                    key, target, pattern, tensor, model, info, ctx.checkpoint.path
+                ).items():
                     if name not in expected:
                         info.unexpected_keys.add(name)
                     else:

@@ -45,11 +45,11 @@ class Conversions:
                     self.members.setdefault(target, set()).add(name)
         self.pending: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
         self.pending_bytes = self.peak_pending_bytes = 0
-        self.converted: dict[str, int] = {}  # converter (its target patterns) -> parameters made
+        self.converted: dict[str, int] = {}  # converter ('sources -> targets') -> parameters made
 
-    def add(self, key: str, target: str, pattern: str, tensor: torch.Tensor, model: Any, info: Any) -> dict:
-        """Hold `tensor` (checkpoint `key`, for `target` through `pattern`); when `target`'s group is complete,
-        return the converted parameters by full name, else {}."""
+    def add(self, key: str, target: str, pattern: str, tensor: torch.Tensor, model: Any, info: Any, where: Any) -> dict:
+        """Hold `tensor` (checkpoint `key` in folder `where`, for `target` through `pattern`); when `target`'s group
+        is complete, return the converted parameters by full name, else {}."""
         group = self.pending.setdefault(target, {})
         group[key] = (pattern, tensor)
         self.pending_bytes += tensor.numel() * tensor.element_size()
@@ -64,10 +64,11 @@ class Conversions:
         del group
         try:
             out = converter.convert(target, model=model, config=model.config, hf_quantizer=None, loading_info=info)
-        except SkipParameters:
+        except SkipParameters:  # transformers logged the error (a traceback, then the error) and skipped them
+            reason = "; ".join(info.conversion_errors.pop(target, "").strip().splitlines()[-2:])
             raise CheckpointError(
-                f"converting the checkpoint tensors of {target!r} ({converter.source_patterns} -> "
-                f"{converter.target_patterns}) failed: {info.conversion_errors.get(target, 'no reason given')}"
+                f"{where}: fusing the {len(self.members[target])} checkpoint tensors of {target!r} failed: {reason}; "
+                "does config.json belong to these weights?"
             ) from None
         label = f"{' + '.join(converter.source_patterns)} -> {' + '.join(converter.target_patterns)}"
         self.converted[label] = self.converted.get(label, 0) + len(out)
