@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--cache", default=os.environ.get("QLOAD_CACHE", str(Path.home() / ".cache" / "qload")))
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("extra", nargs="*", help="extra overrides for our pipeline, e.g. stages.stream.kernel=bnb")
+    p.add_argument("extra", nargs="*", help="extra overrides for our pipeline, e.g. stages.stream.kernel=quantizer")
     a = p.parse_args()
     if a.child:
         return child(a.child, a.quant, a.dtype)

@@ -6,6 +6,7 @@ No weight memory is allocated here: every parameter stays on `meta` until the st
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from transformers import AutoModelForCausalLM
@@ -15,6 +16,8 @@ from transformers.utils.generic import ContextManagers
 from pipeline.checkpoints.checkpoint import CheckpointError
 from pipeline.core.context import LoadContext
 from stages.base import Stage
+
+log = logging.getLogger(__name__)
 
 
 def causal_lm_class(config: Any, trust_remote_code: bool) -> type:
@@ -55,11 +58,19 @@ class MetaSkeleton(Stage):
         ctx.model = model
         params = list(model.parameters())
         allocated = sum(p.numel() * p.element_size() for p in params if p.device.type != "meta")
-        quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("bitsandbytes")})
-        return {
+        bnb_layers = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
+        facts = {
             "model_class": cls.__name__,
             "parameters": sum(p.numel() for p in params),
             "weight_bytes_allocated": allocated,
-            "quantized_module_types": quantized,
+            "quantized_module_types": sorted({type(m).__name__ for m in bnb_layers}),
             "not_converted": sorted(getattr(ctx.quantizer, "modules_to_not_convert", []) or []),
         }
+        if ctx.quantizer is not None and not bnb_layers and not ctx.pre_quantized:
+            # e.g. Falcon: transformers swaps modules whose type is exactly nn.Linear or Conv1D, not subclasses
+            facts["note"] = (
+                f"the quantizer replaced no layer of {cls.__name__}: it loads unquantized, as from_pretrained "
+                "with this quantization_config does"
+            )
+            log.warning(facts["note"])
+        return facts

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
 
 from pipeline.core import cachelock
 from pipeline.core.dtypes import SAFETENSORS_DTYPE, torch_dtype
@@ -36,11 +37,14 @@ def _fill(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std:
 
 
 def tensor_plan(config: Any) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor a checkpoint of this architecture stores, in state-dict order."""
+    """(name, shape) of every tensor a checkpoint of this architecture stores, in the order and under the names
+    `save_pretrained` writes: state-dict order, except that transformers 5 reverts the conversions it makes
+    on load (Mixtral's and Qwen2-MoE's fused experts are stored one tensor per expert, as on the hub)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tied = set(model.all_tied_weights_keys) if config.tie_word_embeddings else set()
-    return [(k, tuple(v.shape)) for k, v in model.state_dict().items() if k not in tied]
+    state = revert_weight_conversion(model, {k: v for k, v in model.state_dict().items() if k not in tied})
+    return [(k, tuple(v.shape)) for k, v in state.items()]
 
 
 def split_shards(plan: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int) -> list[list]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pipeline.core.placement import compact_names
@@ -16,10 +17,30 @@ def map_by_device(device_map: dict[str, Any]) -> dict[str, str]:
     return {d: compact_names(names, limit=12) for d, names in by.items()}
 
 
+def _repeated(modules: dict[str, int]) -> list[str]:
+    """{'model.layers.0.mlp.experts': n, ..., 'model.layers.31.mlp.experts': n} -> ['model.layers.0-31.mlp.experts
+    2.62 GiB each']: one entry per name that differs only in its layer number, at one size (MoE experts)."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name, size in modules.items():
+        groups.setdefault((re.sub(r"\.\d+\.", ".#.", name, count=1), size), []).append(name)
+    out = []
+    for (pattern, size), names in groups.items():
+        if len(names) == 1:
+            out.append(f"{names[0]} {gib(size)}")
+            continue
+        numbers = [int(re.search(r"\.(\d+)\.", n).group(1)) for n in names]
+        span = (
+            f"{min(numbers)}-{max(numbers)}" if sorted(numbers) == list(range(min(numbers), max(numbers) + 1)) else None
+        )
+        label = pattern.replace("#", span) if span else compact_names(names)
+        out.append(f"{label} {gib(size)} each")
+    return out
+
+
 def describe(f: dict[str, Any]) -> str:
     """The plan's facts as the lines printed under the stage table."""
     un = f["unquantized"]
-    named = ", ".join(f"{m} {gib(b)}" for m, b in un["modules"].items())
+    named = ", ".join(_repeated(un["modules"]))
     others = un["others"]
     if others["count"]:
         named += f"{', ' if named else ''}{others['count']} x {'/'.join(others['types'])} {gib(others['bytes'])}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
 from tqdm import tqdm
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -32,9 +31,10 @@ from pipeline.core.context import LoadContext
 from pipeline.core.holdpoint import hold
 from pipeline.core.schema import BoundedStreamConfig
 from stages.stream.base import StreamStage
+from stages.stream.convert import Conversions
 from stages.stream.memory import return_freed_memory
 from stages.stream.prequantized import PrequantizedGroups
-from stages.stream.quantize import quantize
+from stages.stream.quantize import quantize, stored_transposed
 from stages.stream.reader import read_tensors
 
 
@@ -64,6 +64,8 @@ class BoundedStreamer(StreamStage):
         renamings = [w for w in mapping if isinstance(w, WeightRenaming)]
         converters = [w for w in mapping if isinstance(w, WeightConverter)]
         groups = PrequantizedGroups(ctx) if ctx.pre_quantized else None
+        prefix = model.base_model_prefix
+        conversions = Conversions(ctx.checkpoint.tensor_names, renamings, converters, prefix, expected)
         offload_index: dict = {}
 
         def place(name: str, value: torch.Tensor) -> None:
@@ -80,21 +82,25 @@ class BoundedStreamer(StreamStage):
         bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.cfg.progress)
         t0 = time.perf_counter()
         for shard, key, tensor in read_tensors(ctx.checkpoint.files, self.prefetch):
-            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
-            if pattern is not None:
-                raise CheckpointError(
-                    f"{shard.name}: tensor {key!r} needs a weight conversion ({pattern}) that the bounded "
-                    "streamer does not do; use stages/stream=transformers for this architecture"
-                )
+            target, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+            if target not in expected and key in expected:  # as transformers' loader: a rename that misses
+                target, pattern = key, None
             nbytes = tensor.numel() * tensor.element_size()
             if groups is not None and groups.claims(key):
                 for name, value in groups.add(key, tensor).items():
                     place(name, value)
+            elif pattern is not None and target in conversions.members:
+                for name, value in conversions.add(
+                    key, target, pattern, tensor, model, info, ctx.checkpoint.path
+                ).items():
+                    if name not in expected:
+                        info.unexpected_keys.add(name)
+                    else:
+                        self._check_and_place(ctx, shard, key, name, value, expected[name], place)
             elif target not in expected:
                 info.unexpected_keys.add(key)
             else:
-                _check_shape(shard, key, tensor, expected[target])
-                place(target, self._convert(ctx, target, tensor, expected[target]))
+                self._check_and_place(ctx, shard, key, target, tensor, expected[target], place)
             del tensor
             hold("stream")  # fault tests only: a signal then lands mid-stream, with part of the model placed
             stats = shard_stats.setdefault(shard.name, {"shard": shard.name, "tensors": 0, "bytes": 0})
@@ -104,6 +110,8 @@ class BoundedStreamer(StreamStage):
             bar.update(nbytes)
         bar.close()
         ctx.loading_info, ctx.disk_offload_index = info, (offload_index or None)
+        # as transformers' loader: the transforms that matched, reversed by save_pretrained
+        model._weight_conversions = [w for w in mapping if w.was_used()]
         per_shard = list(shard_stats.values())
         return {
             "shards": len(per_shard),
@@ -112,7 +120,12 @@ class BoundedStreamer(StreamStage):
             "per_shard": per_shard,
             "kernel": self.kernel,
             "prefetch": self.prefetch,
+            **({"conversions": conversions.facts()} if conversions.converted else {}),
         }
+
+    def _check_and_place(self, ctx: LoadContext, shard, key: str, target: str, tensor, empty, place) -> None:
+        _check_shape(shard, key, tensor, empty, transposed=stored_transposed(ctx.model, ctx.quantizer, target))
+        place(target, self._convert(ctx, target, tensor, empty))
 
     def _convert(self, ctx: LoadContext, name: str, tensor: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         """Cast, place and (when the quantizer says so) quantize one tensor, as transformers' loader does."""
@@ -126,14 +139,18 @@ class BoundedStreamer(StreamStage):
         return tensor.to(device=device, dtype=dtype)
 
 
-def _check_shape(shard, key: str, tensor: torch.Tensor, empty: torch.Tensor) -> None:
-    """A tensor that does not fit its parameter means a checkpoint of another model (or size)."""
-    # a quantized placeholder of a Conv1D layer (GPT-2 style) holds the transposed shape: compare sizes there
-    fits = tensor.shape == empty.shape or (isinstance(empty, bnb.nn.Params4bit) and tensor.numel() == empty.numel())
-    if not fits or (empty.dtype.is_floating_point and not tensor.dtype.is_floating_point):
+def _check_shape(shard, key: str, tensor: torch.Tensor, empty: torch.Tensor, transposed: bool = False) -> None:
+    """A tensor that does not fit its parameter means a checkpoint of another model (or size).
+
+    `transposed`: the parameter is a quantized placeholder of a `Conv1D` layer (GPT-2 style), which stores its
+    weight as (in, out) while the placeholder holds nn.Linear's (out, in); the quantize op transposes it."""
+    shape = tensor.shape[::-1] if transposed and tensor.dim() == 2 else tensor.shape
+    if shape != empty.shape or (empty.dtype.is_floating_point and not tensor.dtype.is_floating_point):
         raise CheckpointError(
             f"{shard}: tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}, the model built from config.json "
-            f"expects {tuple(empty.shape)} {empty.dtype}; does config.json belong to these weights?"
+            f"expects {tuple(empty.shape)} {empty.dtype}"
+            + (" (transposed, as a Conv1D weight is stored)" if transposed else "")
+            + "; does config.json belong to these weights?"
         )
 
 

@@ -117,12 +117,33 @@ def simulate(
     used: set[str] = set()  # kernels already compiled
     seen: set[str] = set()
     compute_itemsize = torch.empty((), dtype=dtype).element_size()
-    for i, r in enumerate(reads):
-        target, _ = rename_source_key(r.key, renamings, converters, model.base_model_prefix, expected)
+    # tensors that a converter fuses (MoE experts) wait until their group is complete (stages/stream/convert.py)
+    targets = [rename_source_key(r.key, renamings, converters, model.base_model_prefix, expected) for r in reads]
+    left = Counter(t for t, pattern in targets if pattern is not None and t in expected)
+    held: dict[str, list[int]] = {}  # target -> [bytes, numel] waiting
+    pending = 0
+    for i, (r, (target, pattern)) in enumerate(zip(reads, targets, strict=True)):
         param = expected.get(target)
         if param is None:
             continue
         seen.add(target)
+        ahead = sum(x.nbytes for x in reads[i + 1 : i + 2 + prefetch])
+        fused = pattern is not None
+        if fused:
+            group = held.setdefault(target, [0, 0])
+            group[0] += r.nbytes
+            group[1] += r.numel
+            left[target] -= 1
+            if left[target]:  # held: one more tensor in memory, nothing placed yet
+                pending += r.nbytes
+                host = base + out.resident["cpu"] + out.quant_state["cpu"] + kernel_resident + pending + ahead
+                if host > out.peak["cpu"]:
+                    out.peak["cpu"], out.peak_at = host, r.key
+                continue
+            # complete: the group as read is the tensor to convert; fusing it allocates the parameter beside it
+            pending -= group[0] - r.nbytes
+            r = Read(target, group[1], r.itemsize, r.dtype)
+            del held[target]
         device = str(device_of(device_map, target.rpartition(".")[0]))
         on_host = device == "cpu"
         quantized = (
@@ -150,8 +171,8 @@ def simulate(
             state = 0
             # on the CPU in its own dtype, the tensor as read becomes the parameter: nothing new is allocated
             convert = 0 if (on_host and target_dtype == r.dtype) else stored
-        ahead = sum(x.nbytes for x in reads[i + 1 : i + 2 + prefetch])
-        host = base + out.resident["cpu"] + out.quant_state["cpu"] + kernel_resident + r.nbytes + ahead
+        fuse = r.nbytes if fused else 0  # the fused copy, made on the CPU beside the tensors it is made of
+        host = base + out.resident["cpu"] + out.quant_state["cpu"] + kernel_resident + r.nbytes + ahead + pending + fuse
         if on_host:
             host += convert + compiling
         elif device != "disk":
@@ -159,8 +180,8 @@ def simulate(
             out.peak[device] = max(out.peak[device], gpu)
         if host > out.peak["cpu"]:
             out.peak["cpu"], out.peak_at = host, r.key
-        if r.nbytes + convert > out.largest_transient[1]:
-            out.largest_transient = (r.key, r.nbytes + convert)
+        if r.nbytes + fuse + convert > out.largest_transient[1]:
+            out.largest_transient = (r.key, r.nbytes + fuse + convert)
         out.resident[device] += stored
         out.quant_state[device] += state
         if on_host and quantized and kind in kernels and not kernel_resident:

@@ -25,13 +25,26 @@ def quantize(model, quantizer, name: str, value: torch.Tensor, kernel: str) -> t
         return quantizer.get_quantize_ops().convert({name: value}, model=model, full_layer_name=name)[name]
     module, _ = get_module_from_name(model, name)
     placeholder = model.get_parameter_or_buffer(name)
-    if issubclass(getattr(module, "source_cls", object), Conv1D):  # as transformers' op does for GPT-2 style
+    if is_conv1d(module):  # as transformers' op does for GPT-2 style
         value = value.T
     if isinstance(placeholder, bnb.nn.Params4bit):
         return _params4bit(module, placeholder, value)
     if isinstance(placeholder, bnb.nn.Int8Params):
         return _int8params(placeholder, value)
     raise TypeError(f"{name}: no fast kernel for {type(placeholder).__name__}; use stages.stream.kernel=quantizer")
+
+
+def is_conv1d(module) -> bool:
+    """A bitsandbytes layer that replaced a `Conv1D` (GPT-2 style), whose checkpoint weight is (in, out)."""
+    return issubclass(getattr(module, "source_cls", object), Conv1D)
+
+
+def stored_transposed(model, quantizer, name: str) -> bool:
+    """Whether the checkpoint holds `name` transposed against its quantized placeholder: a `Conv1D` weight that
+    the quantize op (ours or transformers') transposes before quantizing."""
+    if quantizer is None or quantizer.pre_quantized or not quantizer.param_needs_quantization(model, name):
+        return False
+    return is_conv1d(get_module_from_name(model, name)[0])
 
 
 def _params4bit(module, placeholder: bnb.nn.Params4bit, w: torch.Tensor) -> bnb.nn.Params4bit:
