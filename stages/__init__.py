@@ -1,1 +1,1 @@
-"""The seven stage kinds of a load, one module each; `conf/stages/<kind>/` chooses the implementation."""
+"""The eight stage kinds of a load, one module each; `conf/stages/<kind>/` chooses the implementation."""

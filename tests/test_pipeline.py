@@ -1,4 +1,4 @@
-"""The seven stages end to end on the default synthetic model: every quant option, both streamers."""
+"""The stages end to end on the default synthetic model: every quant option, both streamers."""
 
 from __future__ import annotations
 

@@ -12,16 +12,16 @@ import json
 from pathlib import Path
 
 from pipeline.plan.step import GPU_SIZES_GIB
+from pipeline.report.runs import RunsError, find_runs
 
 
 def rows(paths: list[Path]) -> list[dict]:
     """Every planned run.json under `paths`, sorted by model then footprint."""
     found = []
-    for path in paths:
-        for run_json in sorted(path.rglob("run.json")):
-            rec = json.loads(run_json.read_text())
-            if rec.get("status") == "planned" and rec.get("plan"):
-                found.append(rec)
+    for run_dir in find_runs(paths):
+        rec = json.loads((run_dir / "run.json").read_text())
+        if rec.get("status") == "planned" and rec.get("plan"):
+            found.append(rec)
     return sorted(found, key=lambda r: (r["config"]["model"]["name"], -r["plan"]["footprint_bytes"]))
 
 
@@ -42,7 +42,10 @@ def table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run folders or folders above them (a sweep)")
-    found = rows(parser.parse_args(argv).paths)
+    try:
+        found = rows(parser.parse_args(argv).paths)
+    except RunsError as err:
+        raise SystemExit(str(err)) from None
     if not found:
         raise SystemExit("no planned runs (run.json with status 'planned') under the given folders")
     print(table(found))
