@@ -8,11 +8,9 @@ the slow one runs every case that needs no patching through `python -m pipeline`
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import CONF_DIR, isolate
 from pipeline.core.schema import STAGE_KINDS
-from tests.conftest import REPO, file_digests
-from tests.test_checkpoints import ARCH, SYN
-from tests.test_pickle import to_pickle
+from tests.helpers import ARCH, SYN, file_digests, run_cli, to_pickle
 
 COMPOSE = None  # refused while Hydra composes the config: no stage ran, no run.json
 CONFIG = "config"  # refused by the schemas' cross-field checks or the stage builder, before the first stage
@@ -431,22 +427,12 @@ def test_bad_input_through_the_real_cli(case, bases, tmp_path, cache_dir):
     ckpt = broken_copy(case, bases, tmp_path)
     before = file_digests(ckpt)
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            f"hydra.run.dir={run_dir}",
-            f"cache_dir={cache_dir}",
-            "stages.stream.progress=false",
-            f"model.path={ckpt}",
-            *(a.replace("CKPT", str(ckpt)) for a in case.args),
-        ],
-        cwd=REPO,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_cli(
+        f"hydra.run.dir={run_dir}",
+        f"cache_dir={cache_dir}",
+        "stages.stream.progress=false",
+        f"model.path={ckpt}",
+        *(a.replace("CKPT", str(ckpt)) for a in case.args),
     )
     assert proc.returncode == isolate.EXIT_LOAD_FAILED, proc.stdout + proc.stderr
     assert case.message in proc.stderr

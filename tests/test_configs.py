@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from pipeline import compose
 from pipeline.core.schema import STAGE_KINDS
 from pipeline.runner import build_stage
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CONF = REPO / "conf"
 GROUPS = ["model", "quant", "device_map", "dtype"] + [f"stages/{k}" for k in STAGE_KINDS]

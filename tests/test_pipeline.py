@@ -9,7 +9,7 @@ import torch
 
 from pipeline.core.schema import STAGE_KINDS
 from pipeline.runner import StageError
-from tests.conftest import assert_same_weights
+from tests.helpers import assert_same_weights
 
 QUANTS = ["none", "nf4", "nf4_double", "fp4", "fp4_double", "int8"]
 MODULE_TYPE = {"none": None, "int8": "Linear8bitLt"} | {q: "Linear4bit" for q in QUANTS[1:5]}

@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,7 @@ from pipeline.replay import main as replay_main
 from pipeline.replay import replay
 from pipeline.report.runs import find_runs, label_runs, summarize
 from pipeline.report.table import main as report_main
-
-# not imported from tests.conftest: a spawned child imports this module, and conftest imports torch
-REPO = CONF_DIR.parent
+from tests.helpers import run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 LAUNCHERS = sorted(p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
@@ -39,14 +36,7 @@ def sweep(sweep_dir: Path, cache_dir: Path, *overrides: str) -> tuple[subprocess
         *("-m", f"hydra.sweep.dir={sweep_dir}", f"cache_dir={cache_dir}", "stages.stream.progress=false"),
         *overrides,
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=REPO,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli(*args)
     records = {int(p.parent.name): json.loads(p.read_text()) for p in sweep_dir.glob("*/run.json")}
     return proc, records
 
