@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import CONF_DIR, isolate
 from pipeline.core.schema import STAGE_KINDS
-from tests.helpers import ARCH, SYN, file_digests, run_cli, to_pickle
+from pipeline.runner import StageError
+from tests.helpers import ARCH, SYN, assert_same_weights, file_digests, run_cli, to_pickle
 
 COMPOSE = None  # refused while Hydra composes the config: no stage ran, no run.json
 CONFIG = "config"  # refused by the schemas' cross-field checks or the stage builder, before the first stage
@@ -437,6 +438,26 @@ def test_bad_input_through_the_real_cli(case, bases, tmp_path, cache_dir):
     assert proc.returncode == isolate.EXIT_LOAD_FAILED, proc.stdout + proc.stderr
     assert case.message in proc.stderr
     check_record(case, run_dir)
+    assert file_digests(ckpt) == before
+
+
+@pytest.mark.parametrize("stream", ["bounded", "transformers"])
+def test_the_pickle_case_loads_with_its_fix_into_the_weights_of_the_safetensors(stream, bases, tmp_path, load):
+    """The table's pickle-weights case is refused by default; the fix its message names, model.allow_pickle=true,
+    really loads the .bin, into the same bytes as the safetensors it was converted from."""
+    case = next(c for c in CASES if c.id == "pickle-weights")
+    ckpt = broken_copy(case, bases, tmp_path)
+    before = file_digests(ckpt)
+    args = [f"model.path={ckpt}", f"stages/stream={stream}"]
+    with pytest.raises(StageError) as refused:
+        load(*args)
+    assert refused.value.stage == case.stage and case.message in str(refused.value)
+    model, record, _ = load(*args, "model.allow_pickle=true")
+    assert record["status"] == "ok" and record["checkpoint"]["format"] == "pickle"
+    assert record["checkpoint"]["shards"] == ["pytorch_model.bin"]
+    reference, *_ = load(f"model.path={bases['plain']}", f"stages/stream={stream}")
+    assert model.is_loaded_in_4bit  # the default quant=nf4, quantized from the unpickled tensors
+    assert_same_weights(reference, model)
     assert file_digests(ckpt) == before
 
 
