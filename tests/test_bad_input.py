@@ -461,10 +461,49 @@ def test_the_pickle_case_loads_with_its_fix_into_the_weights_of_the_safetensors(
     assert file_digests(ckpt) == before
 
 
-def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_says_so(load):
+# The code a repo ships for the remote-code case: a Llama under another name that leaves a mark when it runs.
+MODELING_X = """
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class XConfig(LlamaConfig):
+    model_type = "x_custom"
+
+
+class XForCausalLM(LlamaForCausalLM):
+    config_class = XConfig
+
+    def __init__(self, config):
+        Path(config.x_marker).touch()
+        super().__init__(config)
+"""
+
+
+def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_says_so(bases, tmp_path, load):
     _, record, _ = load()
     assert record["config"]["model"]["trust_remote_code"] is False
     assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["trust_remote_code"] is False
+
+    marker = tmp_path / "code-ran"
+    ships = REMOTE | {"auto_map": REMOTE["auto_map"] | {"AutoConfig": "modeling_x.XConfig"}, "x_marker": str(marker)}
+    ckpt = broken_copy(
+        Case("ships-code", [], None, "", breaks=edit_json("config.json", lambda d: d | ships)), bases, tmp_path
+    )
+    (ckpt / "modeling_x.py").write_text(MODELING_X)
+    before = file_digests(ckpt)
+    with pytest.raises(StageError, match="runs only with model.trust_remote_code=true") as refused:
+        load(f"model.path={ckpt}")
+    assert refused.value.stage == "config_merge" and not marker.exists()
+
+    model, record, _ = load(f"model.path={ckpt}", "model.trust_remote_code=true")
+    assert marker.exists() and type(model).__name__ == "XForCausalLM"  # the repo's own code built the model
+    assert record["config"]["model"]["trust_remote_code"] is True
+    assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["trust_remote_code"] is True
+    reference, *_ = load(f"model.path={bases['plain']}")
+    assert_same_weights(reference, model)
+    assert file_digests(ckpt) == before
 
 
 def test_the_table_fails_a_run_in_every_stage():
