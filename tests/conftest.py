@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline import compose
 from pipeline.runner import run
 
 # never reach for a hub from the tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from .helpers import REPO  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -37,29 +34,13 @@ def load(cache_dir, tmp_path):
     return _load
 
 
-def weights(model) -> dict[str, torch.Tensor]:
-    """Every tensor that defines the loaded model, quantization state included, as raw bytes on the CPU."""
-    out = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        out[name] = t.view(torch.uint8) if t.dtype != torch.bool and t.numel() else t
-    return out
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked requires_cuda are skipped, with the reason, where torch sees no GPU."""
+    import torch
 
-
-def assert_same_weights(a, b) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), f"{name} differs"
-
-
-def file_digests(folder: Path) -> dict[str, str]:
-    """Every file under `folder` by its SHA-256: equal before and after a run means nothing was written."""
-    out = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(2**24):
-                h.update(chunk)
-        out[str(path.relative_to(folder))] = h.hexdigest()
-    return out
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="requires_cuda: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if item.get_closest_marker("requires_cuda"):
+            item.add_marker(skip)

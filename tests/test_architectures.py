@@ -25,7 +25,7 @@ from pipeline.core.schema import STAGE_KINDS
 from pipeline.isolate import run_isolated
 from pipeline.plan.describe import describe
 from pipeline.runner import StageError
-from tests.conftest import assert_same_weights
+from tests.helpers import assert_same_weights
 
 _BASE = {
     "hidden_size": 64,

@@ -8,11 +8,9 @@ the slow one runs every case that needs no patching through `python -m pipeline`
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import CONF_DIR, isolate
 from pipeline.core.schema import STAGE_KINDS
-from tests.conftest import REPO, file_digests
-from tests.test_checkpoints import ARCH, SYN
-from tests.test_pickle import to_pickle
+from pipeline.runner import StageError
+from tests.helpers import ARCH, SYN, assert_same_weights, file_digests, run_cli, to_pickle
 
 COMPOSE = None  # refused while Hydra composes the config: no stage ran, no run.json
 CONFIG = "config"  # refused by the schemas' cross-field checks or the stage builder, before the first stage
@@ -431,22 +428,12 @@ def test_bad_input_through_the_real_cli(case, bases, tmp_path, cache_dir):
     ckpt = broken_copy(case, bases, tmp_path)
     before = file_digests(ckpt)
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            f"hydra.run.dir={run_dir}",
-            f"cache_dir={cache_dir}",
-            "stages.stream.progress=false",
-            f"model.path={ckpt}",
-            *(a.replace("CKPT", str(ckpt)) for a in case.args),
-        ],
-        cwd=REPO,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_cli(
+        f"hydra.run.dir={run_dir}",
+        f"cache_dir={cache_dir}",
+        "stages.stream.progress=false",
+        f"model.path={ckpt}",
+        *(a.replace("CKPT", str(ckpt)) for a in case.args),
     )
     assert proc.returncode == isolate.EXIT_LOAD_FAILED, proc.stdout + proc.stderr
     assert case.message in proc.stderr
@@ -454,10 +441,69 @@ def test_bad_input_through_the_real_cli(case, bases, tmp_path, cache_dir):
     assert file_digests(ckpt) == before
 
 
-def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_says_so(load):
+@pytest.mark.parametrize("stream", ["bounded", "transformers"])
+def test_the_pickle_case_loads_with_its_fix_into_the_weights_of_the_safetensors(stream, bases, tmp_path, load):
+    """The table's pickle-weights case is refused by default; the fix its message names, model.allow_pickle=true,
+    really loads the .bin, into the same bytes as the safetensors it was converted from."""
+    case = next(c for c in CASES if c.id == "pickle-weights")
+    ckpt = broken_copy(case, bases, tmp_path)
+    before = file_digests(ckpt)
+    args = [f"model.path={ckpt}", f"stages/stream={stream}"]
+    with pytest.raises(StageError) as refused:
+        load(*args)
+    assert refused.value.stage == case.stage and case.message in str(refused.value)
+    model, record, _ = load(*args, "model.allow_pickle=true")
+    assert record["status"] == "ok" and record["checkpoint"]["format"] == "pickle"
+    assert record["checkpoint"]["shards"] == ["pytorch_model.bin"]
+    reference, *_ = load(f"model.path={bases['plain']}", f"stages/stream={stream}")
+    assert model.is_loaded_in_4bit  # the default quant=nf4, quantized from the unpickled tensors
+    assert_same_weights(reference, model)
+    assert file_digests(ckpt) == before
+
+
+# The code a repo ships for the remote-code case: a Llama under another name that leaves a mark when it runs.
+MODELING_X = """
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class XConfig(LlamaConfig):
+    model_type = "x_custom"
+
+
+class XForCausalLM(LlamaForCausalLM):
+    config_class = XConfig
+
+    def __init__(self, config):
+        Path(config.x_marker).touch()
+        super().__init__(config)
+"""
+
+
+def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_says_so(bases, tmp_path, load):
     _, record, _ = load()
     assert record["config"]["model"]["trust_remote_code"] is False
     assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["trust_remote_code"] is False
+
+    marker = tmp_path / "code-ran"
+    ships = REMOTE | {"auto_map": REMOTE["auto_map"] | {"AutoConfig": "modeling_x.XConfig"}, "x_marker": str(marker)}
+    ckpt = broken_copy(
+        Case("ships-code", [], None, "", breaks=edit_json("config.json", lambda d: d | ships)), bases, tmp_path
+    )
+    (ckpt / "modeling_x.py").write_text(MODELING_X)
+    before = file_digests(ckpt)
+    with pytest.raises(StageError, match="runs only with model.trust_remote_code=true") as refused:
+        load(f"model.path={ckpt}")
+    assert refused.value.stage == "config_merge" and not marker.exists()
+
+    model, record, _ = load(f"model.path={ckpt}", "model.trust_remote_code=true")
+    assert marker.exists() and type(model).__name__ == "XForCausalLM"  # the repo's own code built the model
+    assert record["config"]["model"]["trust_remote_code"] is True
+    assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["trust_remote_code"] is True
+    reference, *_ = load(f"model.path={bases['plain']}")
+    assert_same_weights(reference, model)
+    assert file_digests(ckpt) == before
 
 
 def test_the_table_fails_a_run_in_every_stage():

@@ -183,7 +183,7 @@ def test_four_sweep_jobs_at_once_on_a_fresh_cache_load_one_checkpoint_built_once
     """The same through the whole pipeline: four jobs of a local-launcher sweep (each its own process, all
     started at once) on an empty cache_dir. Whether the others wait for the build or find it done depends on
     timing; the test above makes them overlap for certain."""
-    from tests.test_sweeps import sweep
+    from tests.helpers import sweep
 
     proc, records = sweep(
         tmp_path / "sweep",

@@ -12,18 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.checkpoints import synthetic
 from pipeline.core.schema import STAGE_KINDS
-from tests.conftest import assert_same_weights
-
-ARCH = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-}
-SYN = {"seed": 0, "dtype": "fp16", "shard_size": "60KB", "init_std": 0.02}
+from tests.helpers import ARCH, SYN, assert_same_weights
 
 
 def test_synthetic_checkpoint_has_the_standard_sharded_layout(tmp_path):

@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 from pipeline.core.schema import STAGE_KINDS
-from tests.conftest import REPO
-
-# Runs the CLI and reports its max RSS as the kernel kept it. The go-between matters: a process started
-# straight from pytest inherits pytest's own high-water mark across fork and exec.
-MAXRSS = (
-    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, ru = os.wait4(p.pid, 0); "
-    "open(sys.argv[1], 'w').write(str(ru.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(status))"
-)
-
-
-def cli(tmp_path, cache_dir, *overrides: str) -> tuple[int, str, dict, float]:
-    """Run the CLI in a child process; return exit code, output, run.json and its max RSS in MB."""
-    run_dir, maxrss = tmp_path / "run", tmp_path / "maxrss"
-    args = [sys.executable, "-m", "pipeline", f"hydra.run.dir={run_dir}", f"cache_dir={cache_dir}", *overrides]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", MAXRSS, str(maxrss), *args], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    return proc.returncode, proc.stdout + proc.stderr, record, int(maxrss.read_text()) / 1024
+from tests.helpers import cli_with_maxrss
 
 
 def test_default_run_prints_all_stages_and_matches_outside_rss(tmp_path, cache_dir):
-    code, out, record, outside_mb = cli(tmp_path, cache_dir)
+    code, out, record, outside_mb = cli_with_maxrss(tmp_path, cache_dir)
     assert code == 0, out
     table = out[out.index("stage ") :]
     for kind in STAGE_KINDS:
@@ -44,14 +22,14 @@ def test_default_run_prints_all_stages_and_matches_outside_rss(tmp_path, cache_d
 
 
 def test_prompt_generates_after_loading(tmp_path, cache_dir):
-    code, out, record, _ = cli(tmp_path, cache_dir, "prompt=hello", "max_new_tokens=4")
+    code, out, record, _ = cli_with_maxrss(tmp_path, cache_dir, "prompt=hello", "max_new_tokens=4")
     assert code == 0, out
     assert "generated ids: [" in out
     assert len(out.split("generated ids: [")[1].split("]")[0].split(",")) == 4
 
 
 def test_failure_exits_non_zero_with_the_message(tmp_path, cache_dir):
-    code, out, record, _ = cli(tmp_path, cache_dir, "model=llama2_7b")
+    code, out, record, _ = cli_with_maxrss(tmp_path, cache_dir, "model=llama2_7b")
     assert code == 1
     assert "error: stage config_merge failed" in out and "model.source=synthetic" in out
     assert record["status"] == "failed"

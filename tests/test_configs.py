@@ -7,13 +7,15 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import compose
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import STAGE_KINDS, DeviceMapConfig, DtypeConfig, ModelConfig, QuantConfig
 from pipeline.runner import build_stage
-from tests.conftest import REPO
+from stages import registry
+from tests.helpers import REPO
 
 CONF = REPO / "conf"
 GROUPS = ["model", "quant", "device_map", "dtype"] + [f"stages/{k}" for k in STAGE_KINDS]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+SCHEMAS = {"model": ModelConfig, "quant": QuantConfig, "device_map": DeviceMapConfig, "dtype": DtypeConfig}
 
 
 def test_every_stage_kind_has_a_config_group_and_a_module():
@@ -22,15 +24,45 @@ def test_every_stage_kind_has_a_config_group_and_a_module():
         assert (REPO / "stages" / f"{kind}.py").exists() or (REPO / "stages" / kind).is_dir(), kind
 
 
+def yaml_values(group: str, option: str) -> dict:
+    """What an option's file sets, over the sibling it builds on (`defaults: [nf4, _self_]`): read from the
+    YAML itself, not through Hydra, so that composing has something independent to be compared with."""
+    data = OmegaConf.load(CONF / group / f"{option}.yaml")
+    siblings = [d for d in data.get("defaults", []) if d != "_self_" and not d.endswith("schema")]
+    own = OmegaConf.masked_copy(data, [k for k in data if k != "defaults"])
+    merged = OmegaConf.merge(*(yaml_values(group, s) for s in siblings), own)
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def assert_sets(expected: dict, composed: dict, where: str) -> None:
+    """Every value `expected` names is in `composed` (which also holds the schema's defaults for the rest)."""
+    for key, value in expected.items():
+        assert key in composed, f"{where}.{key} missing"
+        if isinstance(value, dict):
+            assert_sets(value, composed[key], f"{where}.{key}")
+        else:
+            assert composed[key] == value, f"{where}.{key}: {composed[key]!r}, the file says {value!r}"
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_validates(group, option):
+def test_option_composes_to_its_schema_and_its_values(group, option):
     cfg = compose([f"{group}={option}"])
     typed = OmegaConf.to_object(cfg)  # the schemas' __post_init__ checks run here
+    expected = yaml_values(group, option)
     if group.startswith("stages/"):
         kind = group.split("/")[1]
-        assert build_stage(kind, cfg.stages[kind]).kind == kind
+        node, raw, target = typed.stages[kind], cfg.stages[kind], expected["_target_"]
+        assert registry.STAGES[target][:2] == (kind, option), f"{option}.yaml selects {target}"
+        assert type(node) is registry.STAGES[target][2]  # the argument schema the registry gives that class
+        assert node._target_ == target
+        stage = build_stage(kind, raw)
+        assert type(stage) is registry.load(kind, target) and stage.kind == kind
     else:
-        assert getattr(typed, group) is not None
+        node, raw = getattr(typed, group), cfg[group]
+        assert type(node) is SCHEMAS[group]
+        named = {"device_map": lambda n: n.policy.value, "dtype": lambda n: n.name.value}.get(group, lambda n: n.name)
+        assert named(node) == option
+    assert_sets(expected, OmegaConf.to_container(raw, resolve=True, enum_to_str=True), group)
 
 
 def test_quant_variants_build_on_a_sibling():

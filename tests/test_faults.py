@@ -10,7 +10,6 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import threading
 import time
 import types
@@ -20,16 +19,15 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import CONF_DIR, compose, isolate
+from pipeline import compose, isolate
 from pipeline.checkpoints import checkpoint
 from pipeline.core import record
 from pipeline.core.record import RecordError
 from pipeline.core.schema import STAGE_KINDS
 from pipeline.isolate import run_isolated
 from pipeline.runner import run
-from tests.conftest import file_digests
+from tests.helpers import file_digests, start_cli
 
-REPO = CONF_DIR.parent
 BEFORE_STREAM = list(STAGE_KINDS[: STAGE_KINDS.index("stream")])
 DISK_FULL = "[Errno 28] No space left on device; free space or choose another hydra.run.dir"
 
@@ -46,17 +44,9 @@ def tiny_checkpoint(cache_dir) -> tuple[Path, dict[str, str]]:
     return path, file_digests(path)
 
 
-def start_cli(cache_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`python -m pipeline` in a session of its own, so that a signal can go to its whole process group."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", f"cache_dir={cache_dir}", "stages.stream.progress=false", *overrides],
-        cwd=REPO,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+def start_run(cache_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The CLI on `cache_dir`, without a progress bar, in a session of its own (tests.helpers.start_cli)."""
+    return start_cli(f"cache_dir={cache_dir}", "stages.stream.progress=false", *overrides, env=env)
 
 
 def wait_for_file(path: Path, running, timeout: float = 120) -> None:
@@ -91,9 +81,9 @@ def test_ctrl_c_while_streaming_exits_130_with_whole_records_and_the_next_run_wo
 ):
     path, before = tiny_checkpoint
     run_dir, held = tmp_path / "run", tmp_path / "held"
-    proc = start_cli(cache_dir, f"hydra.run.dir={run_dir}", f"model.path={path}", env={"QLOAD_HOLD": f"stream:{held}"})
+    proc = start_run(cache_dir, f"hydra.run.dir={run_dir}", f"model.path={path}", env={"QLOAD_HOLD": f"stream:{held}"})
     try:
-        wait_for_file(held, running=lambda: proc.poll() is None)  # one tensor placed, the stream held there
+        wait_for_file(held, running=lambda: proc.poll() is None)  # a tensor read, the stream held there
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to every process of the foreground group
         _, err = proc.communicate(timeout=120)
     finally:
@@ -109,7 +99,7 @@ def test_ctrl_c_while_streaming_exits_130_with_whole_records_and_the_next_run_wo
     assert leftovers(run_dir) == []
     assert file_digests(path) == before
 
-    again = start_cli(cache_dir, f"hydra.run.dir={tmp_path / 'again'}", f"model.path={path}", "device_map=cpu")
+    again = start_run(cache_dir, f"hydra.run.dir={tmp_path / 'again'}", f"model.path={path}", "device_map=cpu")
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
     assert json.loads((tmp_path / "again" / "run.json").read_text())["status"] == "ok"
@@ -307,7 +297,7 @@ def test_a_journal_on_a_full_device_fails_the_cli_with_the_message(tmp_path, cac
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "stages.jsonl").symlink_to("/dev/full")  # every write there fails with ENOSPC, for real
-    proc = start_cli(cache_dir, f"hydra.run.dir={run_dir}")
+    proc = start_run(cache_dir, f"hydra.run.dir={run_dir}")
     _, err = proc.communicate(timeout=120)
     message = f"cannot write the run record {run_dir / 'stages.jsonl'}: {DISK_FULL}"
     assert proc.returncode == isolate.EXIT_RECORD_FAILED, err
@@ -324,7 +314,7 @@ def test_a_journal_on_a_full_device_fails_the_cli_with_the_message(tmp_path, cac
 def test_two_runs_started_at_once_get_folders_of_their_own(tmp_path, cache_dir, tiny_checkpoint):
     path, before = tiny_checkpoint
     runs = tmp_path / "runs"
-    procs = [start_cli(cache_dir, f"hydra.run.dir={runs}/${{now:%H-%M-%S-%f}}") for _ in range(2)]
+    procs = [start_run(cache_dir, f"hydra.run.dir={runs}/${{now:%H-%M-%S-%f}}") for _ in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import REPO
+from tests.helpers import REPO
 
 CORE = ("pipeline.core", "pipeline.checkpoints", "pipeline.quality")  # what stages may import
 

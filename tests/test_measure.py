@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
-
-def run_py(code: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True
-    ).stdout
+from tests.helpers import run_python
 
 
 def test_sampler_sees_a_transient_peak_below_an_earlier_high_water_mark():
     # ru_maxrss is already 600 MB when the block starts, so only the sampler can see the block's 300 MB peak
-    out = run_py(
+    out = run_python(
         """
         import time, torch
         from pipeline.core.measure import track
@@ -33,7 +25,7 @@ def test_sampler_sees_a_transient_peak_below_an_earlier_high_water_mark():
 
 def test_cpu_time_counts_every_thread():
     # CPU time spent in worker threads, as each thread itself counts it, must show up in the block's cpu_s
-    out = run_py(
+    out = run_python(
         """
         import hashlib, threading, time
         from pipeline.core.measure import track

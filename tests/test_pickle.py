@@ -4,7 +4,6 @@ into the same weights as the safetensors they were converted from, with only ten
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,8 +16,7 @@ from pipeline.checkpoints import checkpoint
 from pipeline.checkpoints.checkpoint import CheckpointError, scan
 from pipeline.core.schema import STAGE_KINDS, ModelConfig
 from pipeline.runner import StageError
-from tests.conftest import assert_same_weights, file_digests
-from tests.test_checkpoints import ARCH, SYN
+from tests.helpers import ARCH, SYN, assert_same_weights, file_digests, to_pickle
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +24,6 @@ def safetensors_dir(tmp_path_factory):
     from pipeline.checkpoints import synthetic
 
     return synthetic.materialize("t", ARCH, SYN, tmp_path_factory.mktemp("cache"))
-
-
-def to_pickle(src, dst, sharded: bool = True):
-    """The safetensors checkpoint `src` re-saved as `save_pretrained(safe_serialization=False)` lays it out."""
-    dst.mkdir()
-    shutil.copy(src / "config.json", dst / "config.json")
-    shards = sorted(src.glob("*.safetensors"))
-    if not sharded:
-        torch.save({k: v for s in shards for k, v in load_file(s).items()}, dst / "pytorch_model.bin")
-        return dst
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
-        tensors = load_file(shard)
-        torch.save(tensors, dst / name)
-        weight_map |= dict.fromkeys(tensors, name)
-    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return dst
 
 
 @pytest.fixture(scope="module")

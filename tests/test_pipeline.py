@@ -9,7 +9,7 @@ import torch
 
 from pipeline.core.schema import STAGE_KINDS
 from pipeline.runner import StageError
-from tests.conftest import assert_same_weights
+from tests.helpers import assert_same_weights, stage_facts
 
 QUANTS = ["none", "nf4", "nf4_double", "fp4", "fp4_double", "int8"]
 MODULE_TYPE = {"none": None, "int8": "Linear8bitLt"} | {q: "Linear4bit" for q in QUANTS[1:5]}
@@ -72,14 +72,51 @@ def test_quantized_load_is_smaller_than_unquantized(load):
     assert sizes == sorted(sizes) and sizes[0] < 0.6 * sizes[2]
 
 
-@pytest.mark.parametrize("policy", ["auto", "balanced", "balanced_low_0", "sequential", "cpu", "explicit"])
-def test_device_map_policies_load_on_this_machine(load, policy):
+TWO_GPUS = "device_map.max_memory={0: 1GiB, 1: 1GiB, cpu: 8GiB}"  # room for the whole model on either GPU
+EXPLICIT = {"model.embed_tokens": 1, "model.layers": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1}
+# Where each policy puts the model on those two GPUs. A plan, so the GPUs need not be here; the budget is the
+# same for all, so only the policy can set the maps apart.
+PLANNED_ON = {
+    "auto": {0, 1},  # accelerate's auto is balanced when there are several GPUs
+    "balanced": {0, 1},  # spread over both
+    "balanced_low_0": {1},  # GPU 0 kept free (for generate's activations)
+    "sequential": {0},  # GPU 0 filled first, and it holds everything
+    "cpu": {"cpu"},
+    "explicit": {0, 1},  # the map given, as given
+}
+
+
+@pytest.mark.parametrize("policy", list(PLANNED_ON))
+def test_device_map_policies_load_here_and_place_a_two_gpu_plan_apart(load, policy):
     model, record, _ = load(f"device_map={policy}")
-    dm = record["stages"][STAGE_KINDS.index("device_map")]["facts"]["device_map"]
+    dm = stage_facts(record, "device_map")["device_map"]
     expected = "cpu" if not torch.cuda.is_available() else None
     if expected:
         assert set(dm.values()) == {expected}
     assert torch.isfinite(logits(model)).all()
+
+    given = ", ".join(f"{module}: {device}" for module, device in EXPLICIT.items())
+    explicit = [f"device_map.map={{{given}}}"] if policy == "explicit" else []
+    _, planned, _ = load("plan=true", f"device_map={policy}", TWO_GPUS, *explicit)
+    dm, plan = stage_facts(planned, "device_map")["device_map"], stage_facts(planned, "plan")
+    per_device = plan["per_device_bytes"]
+    assert set(dm.values()) == PLANNED_ON[policy]
+    assert set(per_device) == {str(d) for d in PLANNED_ON[policy]}
+    assert sum(per_device.values()) == plan["footprint_bytes"] + plan["quant_state_bytes"]
+    if policy in ("auto", "balanced"):  # neither GPU gets most of it
+        assert min(per_device.values()) > 0.3 * sum(per_device.values()), per_device
+        assert dm["model.embed_tokens"] == 0 and dm["lm_head"] == 1
+    if policy == "explicit":
+        assert dm == EXPLICIT
+
+
+def test_auto_is_balanced_on_several_gpus_and_the_other_policies_differ(load):
+    maps = {
+        policy: stage_facts(load("plan=true", f"device_map={policy}", TWO_GPUS)[1], "device_map")["device_map"]
+        for policy in ("auto", "balanced", "balanced_low_0", "sequential")
+    }
+    assert maps["auto"] == maps["balanced"]
+    assert len({json.dumps(m, sort_keys=True) for m in maps.values()}) == 3
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from pipeline.isolate import run_isolated
 from pipeline.plan.describe import gib
 from pipeline.plan.step import PLAN_KINDS
 from pipeline.runner import StageError
-from tests.conftest import REPO
+from tests.helpers import run_cli
 
 QUANTS = ["none", "nf4", "nf4_double", "fp4", "fp4_double", "int8"]
 # TinyLlama-1.1B's shapes at 2 of its 22 layers: its 32000 x 2048 embeddings (unquantized) next to 4-bit
@@ -207,7 +205,7 @@ def test_explicit_map_and_gpu_budget_overrides_replace_the_defaults():
 def test_cli_prints_the_plan_of_a_70b_model(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     args = ["plan=true", "model=llama2_70b", "quant=nf4_double", f"cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for line in ("footprint", "per device", "largest layer", "unquantized", "device map", "predicted peak"):
         assert f"  {line}" in proc.stdout

@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -27,8 +25,7 @@ from pipeline.core.schema import STAGE_KINDS, BoundedStreamConfig
 from pipeline.isolate import Outcome
 from pipeline.runner import StageError, run
 from stages import registry
-
-from .conftest import REPO
+from tests.helpers import run_cli
 
 # the modules every stage module reaches, as the issue lists them, plus what an attacker would try first
 REACHABLE = ("torch", "transformers", "safetensors", "bitsandbytes", "accelerate", "pathlib", "builtins", "json", "re",
@@ -91,9 +88,13 @@ def test_the_attack_is_real(tmp_path):
 def test_the_issue_command_fails_before_any_call_and_names_the_choices(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("original")
-    cmd = [sys.executable, "-m", "pipeline", "stages.quantizer._target_=stages.stream.reader.torch.save",
-           "+stages.quantizer.obj=1", f"+stages.quantizer.f={victim}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_cli(
+        "stages.quantizer._target_=stages.stream.reader.torch.save",
+        "+stages.quantizer.obj=1",
+        f"+stages.quantizer.f={victim}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     assert victim.read_text() == "original"
     assert "stages.quantizer._target_='stages.stream.reader.torch.save'" in proc.stderr

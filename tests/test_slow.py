@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.schema import STAGE_KINDS
-from tests.test_cli import cli
+from tests.helpers import cli_with_maxrss
 
 
 @pytest.mark.slow
 def test_llama2_7b_synthetic_nf4_double_loads_in_bounded_memory(tmp_path):
     # the default cache, so the 13.5 GB checkpoint is built once per machine, not once per test session
-    code, out, record, outside_mb = cli(
+    code, out, record, outside_mb = cli_with_maxrss(
         tmp_path,
         "${oc.env:HOME}/.cache/qload",
         "model=llama2_7b",

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import compose
 from pipeline.checkpoints import synthetic
-from tests.test_sweeps import REPO, sweep
+from tests.helpers import REPO, sweep
 
 pytestmark = pytest.mark.slurm
 _SPAWN = multiprocessing.get_context("spawn")

@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,30 +24,10 @@ from pipeline.replay import main as replay_main
 from pipeline.replay import replay
 from pipeline.report.runs import find_runs, label_runs, summarize
 from pipeline.report.table import main as report_main
-
-# not imported from tests.conftest: a spawned child imports this module, and conftest imports torch
-REPO = CONF_DIR.parent
+from tests.helpers import sweep
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 LAUNCHERS = sorted(p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
-
-
-def sweep(sweep_dir: Path, cache_dir: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict[int, dict]]:
-    """`python -m pipeline -m ...` in a child process; its result and each job's run.json by job number."""
-    args = [
-        *("-m", f"hydra.sweep.dir={sweep_dir}", f"cache_dir={cache_dir}", "stages.stream.progress=false"),
-        *overrides,
-    ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=REPO,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    records = {int(p.parent.name): json.loads(p.read_text()) for p in sweep_dir.glob("*/run.json")}
-    return proc, records
 
 
 def load_peak(record: dict) -> float:

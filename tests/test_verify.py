@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from pipeline.checkpoints import checkpoint, packaged
 from pipeline.core.schema import STAGE_KINDS
 from pipeline.quality import reference
 from pipeline.runner import run
-from tests.conftest import REPO
+from tests.helpers import run_cli
 
 QUALITY = ("perplexity", "kl_mean", "top1_agreement", "logit_abs_max", "logit_abs_mean", "generation")
 REAL_QUANTS = ("none", "int8", "nf4", "fp4")  # "none" first: it computes the reference the others reuse
@@ -181,9 +179,7 @@ def test_realmodel_is_a_standard_checkpoint_built_once(smollm2):
     assert {"config.json", "model.safetensors", "tokenizer.json", "qload_source.json"} <= names
     assert not any(n.endswith(".gguf") for n in names)
     stamp = (smollm2 / "model.safetensors").stat().st_mtime_ns
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline.checkpoints.packaged"], cwd=REPO, capture_output=True, text=True
-    )
+    out = run_cli(module="pipeline.checkpoints.packaged")
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == smollm2
     assert (smollm2 / "model.safetensors").stat().st_mtime_ns == stamp

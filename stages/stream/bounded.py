@@ -82,6 +82,7 @@ class BoundedStreamer(StreamStage):
         bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.cfg.progress)
         t0 = time.perf_counter()
         for shard, key, tensor in read_tensors(ctx.checkpoint.files, self.prefetch):
+            hold("stream")  # fault tests only: a signal then lands mid-stream, a tensor read
             target, pattern = rename_source_key(key, renamings, converters, prefix, expected)
             if target not in expected and key in expected:  # as transformers' loader: a rename that misses
                 target, pattern = key, None
@@ -102,7 +103,6 @@ class BoundedStreamer(StreamStage):
             else:
                 self._check_and_place(ctx, shard, key, target, tensor, expected[target], place)
             del tensor
-            hold("stream")  # fault tests only: a signal then lands mid-stream, with part of the model placed
             stats = shard_stats.setdefault(shard.name, {"shard": shard.name, "tensors": 0, "bytes": 0})
             stats["tensors"] += 1
             stats["bytes"] += nbytes
