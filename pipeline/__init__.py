@@ -10,7 +10,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _conf_dir() -> Path:
+    """The Hydra configs: `pipeline/conf` in an installed package (the wheel maps the repository's conf/ there,
+    see setup.py), else conf/ at the top of the checkout this package runs from (also an editable install)."""
+    for candidate in (_PACKAGE / "conf", _PACKAGE.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return _PACKAGE / "conf"  # neither: check_conf_dir() says so, naming both places
+
+
+CONF_DIR = _conf_dir()
+
+
+def check_conf_dir() -> None:
+    """Raise FileNotFoundError, naming both places looked in, when neither holds the configs."""
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"no config.yaml in {_PACKAGE / 'conf'} (an installed package) nor in {_PACKAGE.parent / 'conf'} "
+            "(a checkout): reinstall qload, or run from the repository"
+        )
 
 
 def compose(overrides: list[str] | None = None, hydra_config: bool = False):
@@ -22,6 +43,7 @@ def compose(overrides: list[str] | None = None, hydra_config: bool = False):
 
     from pipeline.core import schema
 
+    check_conf_dir()
     schema.register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
