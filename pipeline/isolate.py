@@ -220,11 +220,11 @@ def _generate(model: Any, prompt: str, max_new_tokens: int) -> dict[str, Any]:
 
 def _crash_record(cfg: DictConfig, out_dir: Path, reason: str) -> dict[str, Any]:
     """The run.json the load could not write: every stage it finished (from stages.jsonl) and why it ended."""
-    from pipeline.core.schema import STAGE_KINDS
+    from pipeline.core.schema import SETUP, STAGE_KINDS
 
     stages = _finished_stages(out_dir / "stages.jsonl")
     done = [s["stage"] for s in stages if s.get("status") == "ok"]
-    failed_stage = next((k for k in STAGE_KINDS if k not in done), None) or "after the load"
+    failed_stage = next((k for k in (SETUP, *STAGE_KINDS) if k not in done), None) or "after the load"
     rec = {
         "status": "failed",
         "failed_stage": failed_stage,

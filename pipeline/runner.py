@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from pipeline import guard
 from pipeline.core import record
 from pipeline.core.context import LoadContext
 from pipeline.core.measure import ru_maxrss_bytes, track
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import SETUP, STAGE_KINDS
 from pipeline.plan.describe import describe
 from pipeline.plan.step import PLAN_KINDS, Plan, summary
 from stages import registry
@@ -39,24 +41,22 @@ def build_stage(kind: str, node: DictConfig) -> Stage:
 def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     """Load the model `cfg` describes (with plan=true: plan it, returning no model); write `stages.jsonl` and
     `run.json` into `out_dir`. Raises StageError when a stage fails, KeyboardInterrupt when interrupted, and
-    record.RecordError when a record cannot be written (the run stops at the first stage it cannot record)."""
+    record.RecordError when a record cannot be written (the run stops at the first stage it cannot record).
+
+    Every second of the measured total is in an entry: `setup` (checking the config, building the stages)
+    and one per stage."""
     out_dir.mkdir(parents=True, exist_ok=True)
     journal = out_dir / "stages.jsonl"
     rec: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": []}
-    ctx: LoadContext | None = None
+    built: dict[str, Any] = {}  # setup's work: the context and the steps to run
     failure: BaseException | None = None
-    kind, plan = "config", bool(cfg.get("plan", False))  # a config recorded before plan= existed: a load
+    kind, plan = SETUP, bool(cfg.get("plan", False))  # a config recorded before plan= existed: a load
     with track() as total:
         try:
             record.start_jsonl(journal)
-            guard.check(cfg)  # configs are untrusted: only this project's components, nothing to call
-            ctx = LoadContext(cfg=OmegaConf.to_object(cfg))  # runs the schemas' cross-field checks
-            # every stage is built, a plan's too: the plan's process then imports what the load's would
-            stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
-            steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if plan else STAGE_KINDS)]
-            steps += [("plan", "pipeline.plan.step.Plan", Plan(cfg.stages.stream))] if plan else []
-            for kind, target, stage in steps:
-                run_stage(ctx, kind, target, stage, rec, journal)
+            run_step(SETUP, "pipeline.runner.setup", lambda: built.update(setup(cfg, plan)), rec, journal)
+            for kind, target, stage in built["steps"]:
+                built["ctx"].facts[kind] = run_step(kind, target, partial(stage, built["ctx"]), rec, journal)
             rec["status"] = "planned" if plan else "ok"
         except KeyboardInterrupt:
             rec.update(status="interrupted", failed_stage=kind)
@@ -68,6 +68,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
                 error=f"{type(err).__name__}: {err}",
                 traceback=traceback.format_exc(limit=8),
             )
+    ctx: LoadContext | None = built.get("ctx")
     rec["total"] = total.to_dict() | {"ru_maxrss_mb": round(ru_maxrss_bytes() / 2**20, 1)}
     rec["footprint_bytes"] = ctx.facts.get("postprocess", {}).get("footprint_bytes") if ctx else None
     if plan:
@@ -91,19 +92,32 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     return (None if plan else ctx.model), rec
 
 
-def run_stage(ctx: LoadContext, kind: str, target: str, stage: Stage, rec: dict, journal: Path) -> None:
-    """Run one stage, measured; when it ends, ok or failed, its entry goes to `rec` and a line to the journal.
-    An interrupted stage did not end: it gets neither. If its line cannot be written the run stops there with
-    the RecordError, unless the stage itself failed: that failure stays the run's error."""
+def setup(cfg: DictConfig, plan: bool) -> dict[str, Any]:
+    """The run's context and its steps: the config checked (untrusted: only this project's components, nothing
+    to call; then the schemas' cross-field checks), every stage built, a plan's too (the plan's process then
+    imports what the load's would)."""
+    guard.check(cfg)
+    ctx = LoadContext(cfg=OmegaConf.to_object(cfg))
+    stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
+    steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if plan else STAGE_KINDS)]
+    steps += [("plan", "pipeline.plan.step.Plan", Plan(cfg.stages.stream))] if plan else []
+    return {"ctx": ctx, "steps": steps}
+
+
+def run_step(kind: str, target: str, work: Callable[[], dict | None], rec: dict, journal: Path) -> dict:
+    """Run one step (a stage, or the runner's setup), measured, and return its facts; when it ends, ok or
+    failed, its entry goes to `rec` and a line to the journal. An interrupted step did not end: it gets
+    neither. If its line cannot be written the run stops there with the RecordError, unless the step itself
+    failed: that failure stays the run's error."""
     entry: dict[str, Any] = {"stage": kind, "target": target, "status": "failed"}
-    failure = None
+    facts, failure = {}, None
     with track() as m:
         try:
-            ctx.facts[kind] = stage(ctx) or {}
+            facts = work() or {}
             entry["status"] = "ok"
         except Exception as err:
             failure = err
-    entry.update(metrics=m.to_dict(), facts=ctx.facts.get(kind, {}))
+    entry.update(metrics=m.to_dict(), facts=facts)
     rec["stages"].append(entry)
     try:
         record.append_jsonl(journal, entry)
@@ -113,6 +127,7 @@ def run_stage(ctx: LoadContext, kind: str, target: str, stage: Stage, rec: dict,
         rec["record_error"] = str(err)
     if failure is not None:
         raise failure
+    return facts
 
 
 def _ending(rec: dict) -> str:

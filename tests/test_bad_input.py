@@ -23,13 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import CONF_DIR, isolate
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import SETUP, STAGE_KINDS
 from tests.conftest import REPO, file_digests
+from tests.helpers import entry
 from tests.test_checkpoints import ARCH, SYN
 from tests.test_pickle import to_pickle
 
 COMPOSE = None  # refused while Hydra composes the config: no stage ran, no run.json
-CONFIG = "config"  # refused by the schemas' cross-field checks or the stage builder, before the first stage
+CONFIG = SETUP  # refused by the runner's setup (the schemas' cross-field checks, the stage builder): no stage ran
 
 
 @dataclass
@@ -397,7 +398,7 @@ def check_record(case: Case, run_dir: Path) -> None:
     jsonl = run_dir / "stages.jsonl"
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     finished = [s["stage"] for s in lines if s["status"] == "ok"]
-    assert finished == list(STAGE_KINDS[: STAGE_KINDS.index(case.stage)] if case.stage != CONFIG else [])
+    assert finished == ([SETUP, *STAGE_KINDS[: STAGE_KINDS.index(case.stage)]] if case.stage != CONFIG else [])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -457,7 +458,7 @@ def test_bad_input_through_the_real_cli(case, bases, tmp_path, cache_dir):
 def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_says_so(load):
     _, record, _ = load()
     assert record["config"]["model"]["trust_remote_code"] is False
-    assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["trust_remote_code"] is False
+    assert entry(record, "config_merge")["facts"]["trust_remote_code"] is False
 
 
 def test_the_table_fails_a_run_in_every_stage():

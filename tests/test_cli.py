@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import SETUP, STAGE_KINDS
 from tests.conftest import REPO
 
 # Runs the CLI and reports its max RSS as the kernel kept it. The go-between matters: a process started
@@ -34,9 +34,13 @@ def test_default_run_prints_all_stages_and_matches_outside_rss(tmp_path, cache_d
     code, out, record, outside_mb = cli(tmp_path, cache_dir)
     assert code == 0, out
     table = out[out.index("stage ") :]
-    for kind in STAGE_KINDS:
+    for kind in (SETUP, *STAGE_KINDS):
         assert f"\n{kind} " in table
     assert "\ntotal " in table
+    # every second of the recorded total is in an entry: the runner's setup, then the stages
+    assert [s["stage"] for s in record["stages"]] == [SETUP, *STAGE_KINDS]
+    entries_s, total_s = sum(s["metrics"]["wall_s"] for s in record["stages"]), record["total"]["wall_s"]
+    assert abs(total_s - entries_s) <= 0.02 * total_s, (entries_s, total_s)
     ours = max(s["metrics"]["rss_peak_mb"] for s in record["stages"])
     assert abs(ours - outside_mb) <= 0.10 * outside_mb, (ours, outside_mb)
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()

@@ -24,13 +24,13 @@ from pipeline import CONF_DIR, compose, isolate
 from pipeline.checkpoints import checkpoint
 from pipeline.core import record
 from pipeline.core.record import RecordError
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import SETUP, STAGE_KINDS
 from pipeline.isolate import run_isolated
 from pipeline.runner import run
 from tests.conftest import file_digests
 
 REPO = CONF_DIR.parent
-BEFORE_STREAM = list(STAGE_KINDS[: STAGE_KINDS.index("stream")])
+BEFORE_STREAM = [SETUP, *STAGE_KINDS[: STAGE_KINDS.index("stream")]]
 DISK_FULL = "[Errno 28] No space left on device; free space or choose another hydra.run.dir"
 
 
@@ -243,7 +243,7 @@ def test_running_out_of_memory_while_writing_run_json_says_so(monkeypatch, cache
         f"cannot write the run record {tmp_path / 'oom' / 'run.json'}: out of memory (MemoryError); "
         "free memory and run again (the run itself ended ok)"
     )
-    assert journal(tmp_path / "oom") == list(STAGE_KINDS)
+    assert journal(tmp_path / "oom") == [SETUP, *STAGE_KINDS]
     assert not (tmp_path / "oom" / "run.json").exists() and leftovers(tmp_path / "oom") == []
     assert_unchanged(earlier)
 
@@ -280,7 +280,7 @@ class _Ended:
     [
         (
             -signal.SIGKILL,
-            "stage config_merge failed: the load process ended without a record: killed by signal 9 "
+            "stage setup failed: the load process ended without a record: killed by signal 9 "
             "(SIGKILL) (out of memory?)",
         ),
         (4, "the load process could not write its run record (exit status 4; its error is on stderr)"),
@@ -333,5 +333,5 @@ def test_two_runs_started_at_once_get_folders_of_their_own(tmp_path, cache_dir, 
     records = [json.loads((f / "run.json").read_text()) for f in folders]
     assert all(r["status"] == "ok" for r in records)
     assert len({r["process"]["launcher_pid"] for r in records}) == 2
-    assert [journal(f) for f in folders] == [list(STAGE_KINDS)] * 2
+    assert [journal(f) for f in folders] == [[SETUP, *STAGE_KINDS]] * 2
     assert file_digests(path) == before

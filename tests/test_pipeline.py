@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import SETUP, STAGE_KINDS
 from pipeline.runner import StageError
 from tests.conftest import assert_same_weights
+from tests.helpers import entry
 
 QUANTS = ["none", "nf4", "nf4_double", "fp4", "fp4_double", "int8"]
 MODULE_TYPE = {"none": None, "int8": "Linear8bitLt"} | {q: "Linear4bit" for q in QUANTS[1:5]}
@@ -44,15 +45,15 @@ def test_run_record_has_every_stage_with_metrics(load):
     _, record, run_dir = load()
     on_disk = json.loads((run_dir / "run.json").read_text())
     assert on_disk["status"] == "ok"
-    assert [s["stage"] for s in on_disk["stages"]] == list(STAGE_KINDS)
+    assert [s["stage"] for s in on_disk["stages"]] == [SETUP, *STAGE_KINDS]
     for s in on_disk["stages"]:
         m = s["metrics"]
         assert m["wall_s"] >= 0 and m["cpu_s"] >= 0
         assert m["rss_peak_mb"] >= m["rss_end_mb"] > 0
         assert m["rss_peak_mb"] >= m["rss_start_mb"] > 0
     lines = [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
-    assert [entry["stage"] for entry in lines] == list(STAGE_KINDS)
-    stream = on_disk["stages"][STAGE_KINDS.index("stream")]["facts"]
+    assert [entry["stage"] for entry in lines] == [SETUP, *STAGE_KINDS]
+    stream = entry(on_disk, "stream")["facts"]
     assert stream["shards"] == 5 and stream["tensors"] == 39
     assert stream["bytes_read"] == sum(s["bytes"] for s in stream["per_shard"])
     assert on_disk["footprint_bytes"] > 0
@@ -60,7 +61,7 @@ def test_run_record_has_every_stage_with_metrics(load):
     assert set(on_disk["git"]) == {"commit", "dirty"}
     assert on_disk["versions"]["bitsandbytes"]
     assert on_disk["config"]["quant"]["name"] == "nf4"
-    preprocess = on_disk["stages"][STAGE_KINDS.index("preprocess")]["facts"]
+    preprocess = entry(on_disk, "preprocess")["facts"]
     assert preprocess["weight_bytes_allocated"] == 0
 
 
@@ -75,7 +76,7 @@ def test_quantized_load_is_smaller_than_unquantized(load):
 @pytest.mark.parametrize("policy", ["auto", "balanced", "balanced_low_0", "sequential", "cpu", "explicit"])
 def test_device_map_policies_load_on_this_machine(load, policy):
     model, record, _ = load(f"device_map={policy}")
-    dm = record["stages"][STAGE_KINDS.index("device_map")]["facts"]["device_map"]
+    dm = entry(record, "device_map")["facts"]["device_map"]
     expected = "cpu" if not torch.cuda.is_available() else None
     if expected:
         assert set(dm.values()) == {expected}

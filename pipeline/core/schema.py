@@ -225,6 +225,9 @@ class RunConfig:
     plan: bool = False  # stop after device_map and predict the load's memory (pipeline/plan.py); no weight read
 
 
+# a run's entries (run.json's `stages`, stages.jsonl, the table): the runner's `setup` (the config checked, the stages
+# built), then the stages in this order
+SETUP = "setup"
 STAGE_KINDS = ("config_merge", "quantizer", "env_check", "preprocess", "device_map", "stream", "postprocess", "verify")
 
 
