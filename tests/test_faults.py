@@ -205,7 +205,7 @@ def test_a_full_disk_stops_the_run_with_the_file_and_the_os_error(
         run(cfg, full)
     # neither record could be kept: the error names run.json, and why the run had stopped before
     assert str(raised.value) == (
-        f"cannot write the run record {full / 'run.json'}: {DISK_FULL} (the run had stopped at stage config_merge: "
+        f"cannot write the run record {full / 'run.json'}: {DISK_FULL} (the run had stopped at stage setup: "
         f"cannot write the run record {full / 'stages.jsonl'}: {DISK_FULL})"
     )
     assert (full / "stages.jsonl").read_bytes() == b""  # the line that could not be kept was cut off again
@@ -314,7 +314,7 @@ def test_a_journal_on_a_full_device_fails_the_cli_with_the_message(tmp_path, cac
     assert f"error: {message}\nrecord: {run_dir / 'run.json'}" in err
     assert err.count(message) == 1 and "Traceback" not in err
     rec = json.loads((run_dir / "run.json").read_text())
-    assert rec["status"] == "failed" and rec["failed_stage"] == "config_merge"
+    assert rec["status"] == "failed" and rec["failed_stage"] == "setup"
     assert rec["error"] == f"RecordError: {message}"
     assert leftovers(run_dir) == []
     assert_unchanged(earlier)
