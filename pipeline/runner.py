@@ -1,5 +1,6 @@
 """The runner: build the stages from the config, run them in order (a plan: up to device_map, then the
-planning step), measure each, record the run."""
+planning step), measure each, record the run, and generate from the prompt if one is set. The CLI (in a
+fresh process, `pipeline.isolate`) and the Python API (`pipeline.load`) both run a load through `run`."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class StageError(RuntimeError):
         self.stage, self.error = stage, error
 
 
+class GenerationError(RuntimeError):
+    """The model loaded, then generating from `prompt=` failed; run.json has it as `generation.error`."""
+
+
 def build_stage(kind: str, node: DictConfig) -> Stage:
     """The stage `node` selects, from the closed set in `stages.registry` (never resolved from the string),
     built with arguments checked against that stage's schema."""
@@ -38,13 +43,15 @@ def build_stage(kind: str, node: DictConfig) -> Stage:
     return registry.load(kind, target)(**arguments)
 
 
-def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
-    """Load the model `cfg` describes (with plan=true: plan it, returning no model); write `stages.jsonl` and
-    `run.json` into `out_dir`. Raises StageError when a stage fails, KeyboardInterrupt when interrupted, and
+def run(cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | None = None) -> tuple[Any, dict]:
+    """Load the model `cfg` describes (with plan=true: plan it, returning no model), then generate from
+    `cfg.prompt` if set; write `stages.jsonl` and `run.json` (with `extra` merged in) into `out_dir`; with
+    `verbose`, print the stage table (and the plan, the generation) as the CLI does. Raises StageError when a
+    stage fails, GenerationError when the generation does, KeyboardInterrupt when interrupted, and
     record.RecordError when a record cannot be written (the run stops at the first stage it cannot record).
 
     Every second of the measured total is in an entry: `setup` (checking the config, building the stages)
-    and one per stage."""
+    and one per stage. The generation comes after the load, outside the total, with its own `wall_s`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     journal = out_dir / "stages.jsonl"
     rec: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": []}
@@ -76,19 +83,23 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     rec["checkpoint"] = ctx.facts.get("config_merge", {}).get("checkpoint") if ctx else None
     rec.update(git=record.git_state(), host=record.host(), config=OmegaConf.to_container(cfg, resolve=True))
     rec["versions"] = ctx.facts.get("env_check", {}).get("versions") if ctx else None
+    rec.update(extra or {})
     try:
         record.write_json_atomic(out_dir / "run.json", rec)
     except record.RecordError as err:
         failure = record.RecordError(err.path, err.error, note=_ending(rec))
-    print(record.format_table(rec["stages"], rec["total"]))
-    if rec["status"] == "planned":
-        print(describe(ctx.facts["plan"]))
+    if verbose:
+        print(record.format_table(rec["stages"], rec["total"]))
+        if rec["status"] == "planned":
+            print(describe(ctx.facts["plan"]))
     if isinstance(failure, record.RecordError):
         raise failure
     if rec["status"] == "interrupted":
         raise KeyboardInterrupt
     if rec["status"] not in ("ok", "planned"):
         raise StageError(rec["failed_stage"], failure)
+    if rec["status"] == "ok" and cfg.get("prompt"):
+        generate_into(rec, ctx.model, cfg, out_dir / "run.json", verbose)
     return (None if plan else ctx.model), rec
 
 
@@ -128,6 +139,31 @@ def run_step(kind: str, target: str, work: Callable[[], dict | None], rec: dict,
     if failure is not None:
         raise failure
     return facts
+
+
+def generate_into(rec: dict, model: Any, cfg: DictConfig, path: Path, verbose: bool) -> None:
+    """Generate from `cfg.prompt` after the load and rewrite `path` (run.json) with `rec["generation"]`:
+    the output or the error, and its wall time. Raises GenerationError or KeyboardInterrupt after recording."""
+    from pipeline.quality.generate import generate
+
+    gen: dict[str, Any] = {"prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}
+    t0 = time.perf_counter()
+    interrupted = False
+    try:
+        gen["output"] = generate(model, cfg.prompt, cfg.max_new_tokens)
+    except KeyboardInterrupt:
+        gen["error"], interrupted = "interrupted", True
+    except Exception as err:  # the load is recorded as it went; the generation's failure is recorded with it
+        gen["error"] = f"{type(err).__name__}: {err}"
+    gen["wall_s"] = round(time.perf_counter() - t0, 4)
+    rec["generation"] = gen
+    if verbose and "output" in gen:
+        print(gen["output"])
+    record.write_json_atomic(path, rec)
+    if interrupted:
+        raise KeyboardInterrupt
+    if "error" in gen:
+        raise GenerationError(f"loaded, but generating from the prompt failed: {gen['error']}")
 
 
 def _ending(rec: dict) -> str:
