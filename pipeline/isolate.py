@@ -178,7 +178,7 @@ def _load(payload: bytes) -> None:
         import logging.config
 
         logging.config.dictConfig(job_logging)
-    from pipeline.runner import GenerationError, StageError, run  # torch and transformers load here
+    from pipeline.runner import GenerationError, StageError, run  # torch loads here, the rest in setup
 
     process = {
         "pid": os.getpid(),

@@ -18,8 +18,6 @@ from pipeline.core import record
 from pipeline.core.context import LoadContext
 from pipeline.core.measure import ru_maxrss_bytes, track
 from pipeline.core.schema import SETUP, STAGE_KINDS
-from pipeline.plan.describe import describe
-from pipeline.plan.step import PLAN_KINDS, Plan, summary
 from stages import registry
 from stages.base import Stage
 
@@ -79,6 +77,8 @@ def run(cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | Non
     rec["total"] = total.to_dict() | {"ru_maxrss_mb": round(ru_maxrss_bytes() / 2**20, 1)}
     rec["footprint_bytes"] = ctx.facts.get("postprocess", {}).get("footprint_bytes") if ctx else None
     if plan:
+        from pipeline.plan.step import summary  # imported by setup already
+
         rec["plan"] = summary(ctx.facts["plan"]) if rec["status"] == "planned" else None
     rec["checkpoint"] = ctx.facts.get("config_merge", {}).get("checkpoint") if ctx else None
     rec.update(git=record.git_state(), host=record.host(), config=OmegaConf.to_container(cfg, resolve=True))
@@ -91,6 +91,8 @@ def run(cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | Non
     if verbose:
         print(record.format_table(rec["stages"], rec["total"]))
         if rec["status"] == "planned":
+            from pipeline.plan.describe import describe
+
             print(describe(ctx.facts["plan"]))
     if isinstance(failure, record.RecordError):
         raise failure
@@ -106,7 +108,10 @@ def run(cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | Non
 def setup(cfg: DictConfig, plan: bool) -> dict[str, Any]:
     """The run's context and its steps: the config checked (untrusted: only this project's components, nothing
     to call; then the schemas' cross-field checks), every stage built, a plan's too (the plan's process then
-    imports what the load's would)."""
+    imports what the load's would). The libraries a load needs (transformers, accelerate, bitsandbytes) are
+    imported here, not with this module, so that their time is in the run's setup and not before the run."""
+    from pipeline.plan.step import PLAN_KINDS, Plan
+
     guard.check(cfg)
     ctx = LoadContext(cfg=OmegaConf.to_object(cfg))
     stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
