@@ -106,4 +106,4 @@ def test_failed_run_writes_a_complete_record(load, tmp_path):
     record = json.loads((tmp_path / "run0" / "run.json").read_text())
     assert record["status"] == "failed" and record["failed_stage"] == "config_merge"
     assert "model.source=synthetic" in record["error"]
-    assert [s["status"] for s in record["stages"]] == ["failed"]
+    assert [(s["stage"], s["status"]) for s in record["stages"]] == [(SETUP, "ok"), ("config_merge", "failed")]
