@@ -16,14 +16,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import cluster, guard
+from pipeline import CONF_DIR, check_conf_dir, cluster, guard
 from pipeline.core import schema
 from pipeline.isolate import EXIT_INTERRUPTED, JobFailed, run_isolated
 
 schema.register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
@@ -45,6 +45,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_conf_dir()
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     try:  # before Hydra builds its launcher, sweeper, callbacks or logging from the config
         guard.check_argv(sys.argv[1:])
     except guard.UntrustedConfig as err:

@@ -24,7 +24,6 @@ import pickle
 import resource
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,16 @@ class JobFailed(CompactHydraException):
     the job's failure and run the other jobs, then exit non-zero; a SystemExit would end the whole sweep."""
 
 
+class LoadFailed(RuntimeError):
+    """An isolated load from the Python API (`pipeline.load(..., isolate=True)`) did not end ok: the message
+    the CLI prints, with its `exit_status` and the `record` (see Outcome)."""
+
+    def __init__(self, outcome: Outcome, path: Path) -> None:
+        where = f"record: {path}" if outcome.written else f"record: not written ({path})"
+        super().__init__(f"{outcome.message} (exit status {outcome.exit_status}); {where}")
+        self.exit_status, self.record = outcome.exit_status, outcome.record
+
+
 @dataclass
 class Outcome:
     """How an isolated load ended: the load process's exit status, a one-line reason, and run.json (`written`:
@@ -68,11 +77,16 @@ class Outcome:
 
 
 def run_isolated(
-    cfg: DictConfig, out_dir: Path, job_logging: dict | None = None, extra: dict[str, Any] | None = None
+    cfg: DictConfig,
+    out_dir: Path,
+    job_logging: dict | None = None,
+    extra: dict[str, Any] | None = None,
+    verbose: bool = True,
 ) -> Outcome:
     """Load the model `cfg` describes in a fresh process (and generate when `cfg.prompt` is set); the
-    process writes `run.json` and `stages.jsonl` into `out_dir`. `job_logging` is a `logging.config`
-    dict for the load's own logging; `extra` is merged into its run.json (e.g. what a replay replays)."""
+    process writes `run.json` and `stages.jsonl` into `out_dir` and, with `verbose`, prints the stage table
+    (and the plan, the generation) as the CLI does. `job_logging` is a `logging.config` dict for the load's
+    own logging; `extra` is merged into its run.json (e.g. what a replay replays)."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
@@ -80,7 +94,7 @@ def run_isolated(
         OmegaConf.resolve(cfg)  # env and Hydra interpolations, as this process sees them
     path = out_dir / "run.json"
     stale = _identity(path)  # a folder used before: its old record must not pass for this run's
-    payload = pickle.dumps((cfg, out_dir, job_logging, os.getpid(), extra or {}))
+    payload = pickle.dumps((cfg, out_dir, job_logging, os.getpid(), extra or {}, verbose))
     hop = _SPAWN.Process(target=_go_between, args=(payload,), name="qload-go-between")
     hop.start()
     interrupted = False
@@ -157,27 +171,15 @@ def _go_between(payload: bytes) -> None:
 
 
 def _load(payload: bytes) -> None:
-    """The load itself: run the stages, generate if asked, add this process's facts to run.json."""
+    """The load itself: the runner loads, generates if asked, and writes run.json with this process's facts."""
     at_start = _maxrss_mb()
-    cfg, out_dir, job_logging, launcher_pid, extra = pickle.loads(payload)
+    cfg, out_dir, job_logging, launcher_pid, extra, verbose = pickle.loads(payload)
     if job_logging:
         import logging.config
 
         logging.config.dictConfig(job_logging)
-    from pipeline.runner import StageError, run  # torch and transformers load here, not in the caller
+    from pipeline.runner import GenerationError, StageError, run  # torch loads here, the rest in setup
 
-    status, model = EXIT_OK, None
-    path = out_dir / "run.json"
-    try:
-        model, _ = run(cfg, out_dir)
-    except StageError:
-        status = EXIT_LOAD_FAILED
-    except KeyboardInterrupt:
-        status = EXIT_INTERRUPTED
-    except record.RecordError as err:
-        if err.path == path:  # else run.json says it, and the caller prints it from there
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_RECORD_FAILED)
     process = {
         "pid": os.getpid(),
         "go_between_pid": os.getppid(),
@@ -185,50 +187,30 @@ def _load(payload: bytes) -> None:
         "start": "spawn, via a spawned go-between",
         "ru_maxrss_at_start_mb": at_start,
     }
-    additions: dict[str, Any] = {"process": process, **extra}
-    from pipeline.core import cachelock
-
-    if cachelock.events():  # what this load built in the shared cache, or waited for another job to build
-        additions["cache"] = cachelock.events()
-    if model is not None and cfg.prompt:
-        try:
-            additions["generation"] = _generate(model, cfg.prompt, cfg.max_new_tokens)
-        except KeyboardInterrupt:
-            additions["generation"] = {"prompt": cfg.prompt, "error": "interrupted"}
-        if "error" in additions["generation"]:
-            status = EXIT_INTERRUPTED if additions["generation"]["error"] == "interrupted" else EXIT_GENERATION_FAILED
-    if path.exists():
-        try:
-            record.write_json_atomic(path, json.loads(path.read_text()) | additions)
-        except record.RecordError as err:  # run.json stays as the runner wrote it
+    status = EXIT_OK
+    try:
+        run(cfg, out_dir, verbose=verbose, extra={"process": process, **extra})
+    except StageError:
+        status = EXIT_LOAD_FAILED
+    except GenerationError:
+        status = EXIT_GENERATION_FAILED
+    except KeyboardInterrupt:
+        status = EXIT_INTERRUPTED
+    except record.RecordError as err:
+        if err.path == out_dir / "run.json":  # else run.json says it, and the caller prints it from there
             print(f"error: {err}", file=sys.stderr)
-            status = EXIT_RECORD_FAILED
+        status = EXIT_RECORD_FAILED
     sys.stdout.flush()
     sys.exit(status)
 
 
-def _generate(model: Any, prompt: str, max_new_tokens: int) -> dict[str, Any]:
-    from pipeline.quality.generate import generate
-
-    t0 = time.perf_counter()
-    facts: dict[str, Any] = {"prompt": prompt, "max_new_tokens": max_new_tokens}
-    try:
-        facts["output"] = generate(model, prompt, max_new_tokens)
-        print(facts["output"])
-    except Exception as err:  # the load is recorded as it went; the generation's failure is recorded with it
-        facts["error"] = f"{type(err).__name__}: {err}"
-        print(f"error: generation failed: {facts['error']}", file=sys.stderr)
-    facts["wall_s"] = round(time.perf_counter() - t0, 4)
-    return facts
-
-
 def _crash_record(cfg: DictConfig, out_dir: Path, reason: str) -> dict[str, Any]:
     """The run.json the load could not write: every stage it finished (from stages.jsonl) and why it ended."""
-    from pipeline.core.schema import STAGE_KINDS
+    from pipeline.core.schema import SETUP, STAGE_KINDS
 
     stages = _finished_stages(out_dir / "stages.jsonl")
     done = [s["stage"] for s in stages if s.get("status") == "ok"]
-    failed_stage = next((k for k in STAGE_KINDS if k not in done), None) or "after the load"
+    failed_stage = next((k for k in (SETUP, *STAGE_KINDS) if k not in done), None) or "after the load"
     rec = {
         "status": "failed",
         "failed_stage": failed_stage,

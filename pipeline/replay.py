@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +58,7 @@ def build_config(config: dict[str, Any], overrides: list[str]) -> DictConfig:
 
 def default_out(cfg: DictConfig) -> Path:
     """`runs/replay/<date>/<time>_<model>_<quant>`, the single-run layout under `replay/`."""
-    stamp = time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S") + f"-{time.time_ns() % 10**6:06d}"
-    return Path("runs") / "replay" / stamp[0] / f"{stamp[1]}_{cfg.model.name}_{cfg.quant.name}"
+    return record.run_folder(Path("runs") / "replay", f"_{cfg.model.name}_{cfg.quant.name}")
 
 
 def replay(run_dir: str | Path, out: str | Path | None = None, overrides: list[str] | None = None) -> tuple[int, Path]:

@@ -177,3 +177,8 @@ def sweep(sweep_dir: Path, cache_dir: Path, *overrides: str) -> tuple[subprocess
     proc = run_cli(*args)
     records = {int(p.parent.name): json.loads(p.read_text()) for p in sweep_dir.glob("*/run.json")}
     return proc, records
+
+
+def entry(record: dict, stage: str) -> dict:
+    """A run record's entry for `stage` (the runner's `setup` comes first, then the stages in order)."""
+    return next(s for s in record["stages"] if s["stage"] == stage)

@@ -21,12 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import CONF_DIR, isolate
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import SETUP, STAGE_KINDS
 from pipeline.runner import StageError
-from tests.helpers import ARCH, SYN, assert_same_weights, file_digests, run_cli, to_pickle
+from tests.helpers import ARCH, SYN, assert_same_weights, entry, file_digests, run_cli, to_pickle
 
 COMPOSE = None  # refused while Hydra composes the config: no stage ran, no run.json
-CONFIG = "config"  # refused by the schemas' cross-field checks or the stage builder, before the first stage
+CONFIG = SETUP  # refused by the runner's setup (the schemas' cross-field checks, the stage builder): no stage ran
 
 
 @dataclass
@@ -394,7 +394,7 @@ def check_record(case: Case, run_dir: Path) -> None:
     jsonl = run_dir / "stages.jsonl"
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     finished = [s["stage"] for s in lines if s["status"] == "ok"]
-    assert finished == list(STAGE_KINDS[: STAGE_KINDS.index(case.stage)] if case.stage != CONFIG else [])
+    assert finished == ([SETUP, *STAGE_KINDS[: STAGE_KINDS.index(case.stage)]] if case.stage != CONFIG else [])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -484,7 +484,7 @@ class XForCausalLM(LlamaForCausalLM):
 def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_says_so(bases, tmp_path, load):
     _, record, _ = load()
     assert record["config"]["model"]["trust_remote_code"] is False
-    assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["trust_remote_code"] is False
+    assert entry(record, "config_merge")["facts"]["trust_remote_code"] is False
 
     marker = tmp_path / "code-ran"
     ships = REMOTE | {"auto_map": REMOTE["auto_map"] | {"AutoConfig": "modeling_x.XConfig"}, "x_marker": str(marker)}

@@ -11,8 +11,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.checkpoints import synthetic
-from pipeline.core.schema import STAGE_KINDS
-from tests.helpers import ARCH, SYN, assert_same_weights
+from tests.helpers import ARCH, SYN, assert_same_weights, entry
 
 
 def test_synthetic_checkpoint_has_the_standard_sharded_layout(tmp_path):
@@ -83,7 +82,7 @@ def test_model_path_loads_another_architecture_its_config_wins(load, qwen2_dir, 
     model, record, _ = load("model=tiny_llama", f"model.path={qwen2_dir}", "quant=nf4", f"stages/stream={stream}")
     assert type(model).__name__ == "Qwen2ForCausalLM"
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    merge = record["stages"][0]["facts"]
+    merge = entry(record, "config_merge")["facts"]
     assert merge["architecture_from_checkpoint"]["hidden_size"] == {"yaml": 256, "config.json": 64}
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
@@ -108,9 +107,9 @@ def test_prequantized_round_trip(load, tmp_path, quant, stream):
     assert "quantization_config" in json.loads((saved / "config.json").read_text())
     for request in ("none", quant, "nf4_double" if quant != "nf4_double" else "fp4"):
         reloaded, record, _ = load(f"model.path={saved}", f"quant={request}", f"stages/stream={stream}")
-        merge = record["stages"][STAGE_KINDS.index("config_merge")]["facts"]
+        merge = entry(record, "config_merge")["facts"]
         assert merge["quantization_from"] == "checkpoint"
-        assert record["stages"][STAGE_KINDS.index("quantizer")]["facts"]["pre_quantized"] is True
+        assert entry(record, "quantizer")["facts"]["pre_quantized"] is True
         assert_same_weights(original, reloaded)
         if request not in ("none", quant):
             assert merge["ignored_request"], "a conflicting request must be recorded as ignored"

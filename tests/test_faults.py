@@ -23,12 +23,12 @@ from pipeline import compose, isolate
 from pipeline.checkpoints import checkpoint
 from pipeline.core import record
 from pipeline.core.record import RecordError
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import SETUP, STAGE_KINDS
 from pipeline.isolate import run_isolated
 from pipeline.runner import run
 from tests.helpers import file_digests, start_cli
 
-BEFORE_STREAM = list(STAGE_KINDS[: STAGE_KINDS.index("stream")])
+BEFORE_STREAM = [SETUP, *STAGE_KINDS[: STAGE_KINDS.index("stream")]]
 DISK_FULL = "[Errno 28] No space left on device; free space or choose another hydra.run.dir"
 
 
@@ -195,7 +195,7 @@ def test_a_full_disk_stops_the_run_with_the_file_and_the_os_error(
         run(cfg, full)
     # neither record could be kept: the error names run.json, and why the run had stopped before
     assert str(raised.value) == (
-        f"cannot write the run record {full / 'run.json'}: {DISK_FULL} (the run had stopped at stage config_merge: "
+        f"cannot write the run record {full / 'run.json'}: {DISK_FULL} (the run had stopped at stage setup: "
         f"cannot write the run record {full / 'stages.jsonl'}: {DISK_FULL})"
     )
     assert (full / "stages.jsonl").read_bytes() == b""  # the line that could not be kept was cut off again
@@ -233,7 +233,7 @@ def test_running_out_of_memory_while_writing_run_json_says_so(monkeypatch, cache
         f"cannot write the run record {tmp_path / 'oom' / 'run.json'}: out of memory (MemoryError); "
         "free memory and run again (the run itself ended ok)"
     )
-    assert journal(tmp_path / "oom") == list(STAGE_KINDS)
+    assert journal(tmp_path / "oom") == [SETUP, *STAGE_KINDS]
     assert not (tmp_path / "oom" / "run.json").exists() and leftovers(tmp_path / "oom") == []
     assert_unchanged(earlier)
 
@@ -244,7 +244,7 @@ def test_the_load_process_exits_4_and_prints_a_record_it_cannot_write(monkeypatc
     monkeypatch.setattr(record, "os", _DiskFull(full, lambda name, n: True))
     cfg = compose([f"cache_dir={cache_dir}", "stages.stream.progress=false"])
     with pytest.raises(SystemExit) as exited:
-        isolate._load(pickle.dumps((cfg, full, None, os.getpid(), {})))
+        isolate._load(pickle.dumps((cfg, full, None, os.getpid(), {}, True)))
     assert exited.value.code == isolate.EXIT_RECORD_FAILED == 4
     assert f"error: cannot write the run record {full / 'run.json'}: {DISK_FULL}" in capsys.readouterr().err
     assert leftovers(full) == []
@@ -270,7 +270,7 @@ class _Ended:
     [
         (
             -signal.SIGKILL,
-            "stage config_merge failed: the load process ended without a record: killed by signal 9 "
+            "stage setup failed: the load process ended without a record: killed by signal 9 "
             "(SIGKILL) (out of memory?)",
         ),
         (4, "the load process could not write its run record (exit status 4; its error is on stderr)"),
@@ -304,7 +304,7 @@ def test_a_journal_on_a_full_device_fails_the_cli_with_the_message(tmp_path, cac
     assert f"error: {message}\nrecord: {run_dir / 'run.json'}" in err
     assert err.count(message) == 1 and "Traceback" not in err
     rec = json.loads((run_dir / "run.json").read_text())
-    assert rec["status"] == "failed" and rec["failed_stage"] == "config_merge"
+    assert rec["status"] == "failed" and rec["failed_stage"] == "setup"
     assert rec["error"] == f"RecordError: {message}"
     assert leftovers(run_dir) == []
     assert_unchanged(earlier)
@@ -323,5 +323,5 @@ def test_two_runs_started_at_once_get_folders_of_their_own(tmp_path, cache_dir, 
     records = [json.loads((f / "run.json").read_text()) for f in folders]
     assert all(r["status"] == "ok" for r in records)
     assert len({r["process"]["launcher_pid"] for r in records}) == 2
-    assert [journal(f) for f in folders] == [list(STAGE_KINDS)] * 2
+    assert [journal(f) for f in folders] == [[SETUP, *STAGE_KINDS]] * 2
     assert file_digests(path) == before

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoint
 from pipeline.checkpoints.checkpoint import CheckpointError, scan
-from pipeline.core.schema import STAGE_KINDS, ModelConfig
+from pipeline.core.schema import ModelConfig
 from pipeline.runner import StageError
-from tests.helpers import ARCH, SYN, assert_same_weights, file_digests, to_pickle
+from tests.helpers import ARCH, SYN, assert_same_weights, entry, file_digests, to_pickle
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_opted_in_both_streamers_load_the_same_weights_as_safetensors(load, safe
         )
         assert record["checkpoint"]["format"] == "pickle"
         if stream == "bounded":  # every tensor read: 2 layers of 9, embeddings, norm, head
-            assert record["stages"][STAGE_KINDS.index("stream")]["facts"]["tensors"] == 21
+            assert entry(record, "stream")["facts"]["tensors"] == 21
         assert_same_weights(original, model)
     assert file_digests(pickle_dir) == before
 

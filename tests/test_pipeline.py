@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from pipeline.core.schema import STAGE_KINDS
+from pipeline.core.schema import SETUP, STAGE_KINDS
 from pipeline.runner import StageError
-from tests.helpers import assert_same_weights, stage_facts
+from tests.helpers import assert_same_weights, entry, stage_facts
 
 QUANTS = ["none", "nf4", "nf4_double", "fp4", "fp4_double", "int8"]
 MODULE_TYPE = {"none": None, "int8": "Linear8bitLt"} | {q: "Linear4bit" for q in QUANTS[1:5]}
@@ -44,15 +44,15 @@ def test_run_record_has_every_stage_with_metrics(load):
     _, record, run_dir = load()
     on_disk = json.loads((run_dir / "run.json").read_text())
     assert on_disk["status"] == "ok"
-    assert [s["stage"] for s in on_disk["stages"]] == list(STAGE_KINDS)
+    assert [s["stage"] for s in on_disk["stages"]] == [SETUP, *STAGE_KINDS]
     for s in on_disk["stages"]:
         m = s["metrics"]
         assert m["wall_s"] >= 0 and m["cpu_s"] >= 0
         assert m["rss_peak_mb"] >= m["rss_end_mb"] > 0
         assert m["rss_peak_mb"] >= m["rss_start_mb"] > 0
     lines = [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
-    assert [entry["stage"] for entry in lines] == list(STAGE_KINDS)
-    stream = on_disk["stages"][STAGE_KINDS.index("stream")]["facts"]
+    assert [entry["stage"] for entry in lines] == [SETUP, *STAGE_KINDS]
+    stream = entry(on_disk, "stream")["facts"]
     assert stream["shards"] == 5 and stream["tensors"] == 39
     assert stream["bytes_read"] == sum(s["bytes"] for s in stream["per_shard"])
     assert on_disk["footprint_bytes"] > 0
@@ -60,7 +60,7 @@ def test_run_record_has_every_stage_with_metrics(load):
     assert set(on_disk["git"]) == {"commit", "dirty"}
     assert on_disk["versions"]["bitsandbytes"]
     assert on_disk["config"]["quant"]["name"] == "nf4"
-    preprocess = on_disk["stages"][STAGE_KINDS.index("preprocess")]["facts"]
+    preprocess = entry(on_disk, "preprocess")["facts"]
     assert preprocess["weight_bytes_allocated"] == 0
 
 
@@ -142,4 +142,4 @@ def test_failed_run_writes_a_complete_record(load, tmp_path):
     record = json.loads((tmp_path / "run0" / "run.json").read_text())
     assert record["status"] == "failed" and record["failed_stage"] == "config_merge"
     assert "model.source=synthetic" in record["error"]
-    assert [s["status"] for s in record["stages"]] == ["failed"]
+    assert [(s["stage"], s["status"]) for s in record["stages"]] == [(SETUP, "ok"), ("config_merge", "failed")]

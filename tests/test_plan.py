@@ -12,6 +12,7 @@ import torch
 from pipeline import compose
 from pipeline.checkpoints import checkpoint
 from pipeline.core.placement import compact_names
+from pipeline.core.schema import SETUP
 from pipeline.isolate import run_isolated
 from pipeline.plan.describe import gib
 from pipeline.plan.step import PLAN_KINDS
@@ -82,7 +83,7 @@ def test_plan_runs_the_stages_up_to_device_map_and_reads_no_weight(load, monkeyp
     assert model is None
     on_disk = json.loads((run_dir / "run.json").read_text())
     assert on_disk["status"] == "planned"
-    assert [s["stage"] for s in on_disk["stages"]] == [*PLAN_KINDS, "plan"]
+    assert [s["stage"] for s in on_disk["stages"]] == [SETUP, *PLAN_KINDS, "plan"]
     assert on_disk["plan"] == {k: plan_of(on_disk)[k] for k in on_disk["plan"]}
     summary = on_disk["plan"]
     assert summary["fits"] and summary["over_bytes"] == 0
@@ -211,4 +212,4 @@ def test_cli_prints_the_plan_of_a_70b_model(tmp_path, cache_dir):
         assert f"  {line}" in proc.stdout
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "planned" and record["plan"]["footprint_bytes"] > 30 * 2**30
-    assert [s["stage"] for s in record["stages"]] == [*PLAN_KINDS, "plan"]
+    assert [s["stage"] for s in record["stages"]] == [SETUP, *PLAN_KINDS, "plan"]

@@ -68,13 +68,14 @@ def counted(monkeypatch):
 
 
 def refused_by_runner(overrides: list[str], tmp: Path) -> StageError:
-    """Compose, then run through the runner (as the load process does); the run must fail at `config`."""
+    """Compose, then run through the runner (as the load process does); the run must fail in `setup`."""
     cfg = compose(overrides)
     with pytest.raises(StageError) as err:
         run(cfg, tmp / "run")
-    assert err.value.stage == "config"
+    assert err.value.stage == "setup"
     record = json.loads((tmp / "run" / "run.json").read_text())
-    assert record["status"] == "failed" and record["failed_stage"] == "config" and record["stages"] == []
+    assert record["status"] == "failed" and record["failed_stage"] == "setup"
+    assert [(s["stage"], s["status"]) for s in record["stages"]] == [("setup", "failed")]
     return err.value
 
 

@@ -15,12 +15,23 @@ import platform
 import socket
 import subprocess
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 REPO = Path(__file__).resolve().parents[2]  # this repository (for the git state in records)
+
+# A run folder's date and time, as conf/config.yaml's hydra.run.dir writes them (`${now:...}`, Hydra's
+# `datetime.now().strftime`): every run folder, the CLI's, the Python API's and a replay's, sorts one way.
+DATE_FORMAT, TIME_FORMAT = "%Y-%m-%d", "%H-%M-%S-%f"
+
+
+def run_folder(root: Path, suffix: str = "", now: datetime | None = None) -> Path:
+    """`root/<date>/<time><suffix>`, the layout of hydra.run.dir (e.g. `runs/2026-11-30/05-22-11-123456_x`)."""
+    now = now or datetime.now()
+    return Path(root) / now.strftime(DATE_FORMAT) / (now.strftime(TIME_FORMAT) + suffix)
 
 
 def _json_default(obj: Any) -> Any:

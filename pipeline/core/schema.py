@@ -230,7 +230,16 @@ class RunConfig:
     max_new_tokens: int = 8
     plan: bool = False  # stop after device_map and predict the load's memory (pipeline/plan.py); no weight read
 
+    def __post_init__(self) -> None:
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError(f"prompt={self.prompt!r}: give some text to generate from, or leave prompt unset (null)")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1 (the tokens generated after prompt=)")
 
+
+# a run's entries (run.json's `stages`, stages.jsonl, the table): the runner's `setup` (the config checked, the stages
+# built), then the stages in this order
+SETUP = "setup"
 STAGE_KINDS = ("config_merge", "quantizer", "env_check", "preprocess", "device_map", "stream", "postprocess", "verify")
 
 

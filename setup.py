@@ -1,0 +1,14 @@
+"""What pyproject.toml cannot say: the Hydra configs live in conf/ at the repository's top level (where a
+checkout edits them and `python -m pipeline` finds them), and ship inside the package as `pipeline/conf`,
+where an installed `pipeline` finds them (`pipeline.CONF_DIR`)."""
+
+from setuptools import find_namespace_packages, find_packages, setup
+
+setup(
+    packages=[
+        *find_packages(include=["pipeline", "pipeline.*", "stages", "stages.*"]),
+        *find_namespace_packages(include=["hydra_plugins.qload_slurm"]),  # the Slurm launcher; Hydra's namespace
+        "pipeline.conf",
+    ],
+    package_dir={"pipeline.conf": "conf"},
+)
