@@ -21,11 +21,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 from pipeline import compose
 from pipeline.checkpoints import checkpoint as checkpoints
 from pipeline.checkpoints import synthetic
-from pipeline.core.schema import STAGE_KINDS
 from pipeline.isolate import run_isolated
 from pipeline.plan.describe import describe
 from pipeline.runner import StageError
-from tests.helpers import assert_same_weights
+from tests.helpers import assert_same_weights, entry
 
 _BASE = {
     "hidden_size": 64,
@@ -179,7 +178,7 @@ def test_synthetic_checkpoints_have_the_save_pretrained_layout(checkpoint):
 def test_matrix_ours_equals_from_pretrained(load, checkpoint, quant):
     model_type, path = checkpoint
     ours, record, _ = load(f"model.path={path}", f"quant={quant}", "dtype=fp16")
-    stream = record["stages"][STAGE_KINDS.index("stream")]
+    stream = entry(record, "stream")
     assert stream["target"].endswith("BoundedStreamer")
     reference = AutoModelForCausalLM.from_pretrained(
         path,
@@ -192,7 +191,7 @@ def test_matrix_ours_equals_from_pretrained(load, checkpoint, quant):
     assert quantized == sorted(n for n, m in reference.named_modules() if type(m).__name__ == BNB_LAYER[quant])
     if model_type in NOT_QUANTIZED_BY_TRANSFORMERS:
         assert quantized == [], f"transformers quantizes it now, although {NOT_QUANTIZED_BY_TRANSFORMERS[model_type]}"
-        assert "replaced no layer" in record["stages"][STAGE_KINDS.index("preprocess")]["facts"]["note"]
+        assert "replaced no layer" in entry(record, "preprocess")["facts"]["note"]
     else:
         assert len(quantized) >= 4 * ours.config.num_hidden_layers, quantized  # at least the attention and MLP
     assert_same_weights(ours, reference)
@@ -262,7 +261,7 @@ def test_family_config_plans_offline_in_under_30_s(load, monkeypatch, name):
     assert record["status"] == "planned" and record["checkpoint"] is None
     plan = next(s["facts"] for s in record["stages"] if s["stage"] == "plan")
     assert plan["architecture_from"] == "model YAML"
-    preprocess = record["stages"][STAGE_KINDS.index("preprocess")]["facts"]
+    preprocess = entry(record, "preprocess")["facts"]
     arch = compose([f"model={name}"]).model.architecture
     tied = arch["vocab_size"] * arch["hidden_size"] if arch["tie_word_embeddings"] else 0  # untied until the load
     assert (preprocess["model_class"], preprocess["parameters"] - tied) == FAMILY_CONFIGS[name]
@@ -281,8 +280,8 @@ def test_moe_prequantized_round_trip(load, tmp_path, quant):
     weight_map = json.loads((tmp_path / "saved" / "model.safetensors.index.json").read_text())["weight_map"]
     assert any(re.search(CONVERTED["mixtral"]["experts.gate_up_proj"], k) for k in weight_map)
     reloaded, record, _ = load(f"model.path={tmp_path / 'saved'}", f"quant={quant}")
-    assert record["stages"][STAGE_KINDS.index("quantizer")]["facts"]["pre_quantized"] is True
-    assert sum(record["stages"][STAGE_KINDS.index("stream")]["facts"]["conversions"]["converted"].values()) == 4
+    assert entry(record, "quantizer")["facts"]["pre_quantized"] is True
+    assert sum(entry(record, "stream")["facts"]["conversions"]["converted"].values()) == 4
     assert_same_weights(original, reloaded)
 
 
@@ -315,7 +314,7 @@ def test_moe_plan_predicts_the_peak_of_fusing_experts(cache_dir, tmp_path, quant
     plan = run_isolated(compose([*overrides, "plan=true"]), tmp_path / "plan").record
     load = run_isolated(compose(overrides), tmp_path / "load").record
     assert load["status"] == "ok", load.get("error")
-    stream = load["stages"][STAGE_KINDS.index("stream")]["facts"]
+    stream = entry(load, "stream")["facts"]
     assert sum(stream["conversions"]["converted"].values()) == 2 * 2
     assert plan["plan"]["footprint_bytes"] == load["footprint_bytes"]
     measured = max(s["metrics"]["rss_peak_mb"] for s in load["stages"]) * 2**20

@@ -500,7 +500,7 @@ def test_remote_code_is_off_unless_the_model_config_turns_it_on_and_the_record_s
     model, record, _ = load(f"model.path={ckpt}", "model.trust_remote_code=true")
     assert marker.exists() and type(model).__name__ == "XForCausalLM"  # the repo's own code built the model
     assert record["config"]["model"]["trust_remote_code"] is True
-    assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["trust_remote_code"] is True
+    assert entry(record, "config_merge")["facts"]["trust_remote_code"] is True
     reference, *_ = load(f"model.path={bases['plain']}")
     assert_same_weights(reference, model)
     assert file_digests(ckpt) == before

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from pipeline.core.schema import STAGE_KINDS
-from tests.helpers import assert_same_weights, run_cli, stage_facts
+from pipeline.core.schema import SETUP, STAGE_KINDS
+from tests.helpers import assert_same_weights, entry, run_cli, stage_facts
 
 # What conf/quant/<name>.yaml asks for, spelled out for transformers: tiny_llama's checkpoint is fp16, so
 # dtype=auto makes fp16 the compute dtype of the 4-bit layers.
@@ -48,12 +48,12 @@ def test_a_cuda_load_equals_from_pretrained_onto_cuda_and_records_gpu_peaks(load
         assert torch.isfinite(model(ids).logits).all()
 
     gpus = {str(i) for i in range(torch.cuda.device_count())}
-    assert [s["stage"] for s in record["stages"]] == list(STAGE_KINDS)
+    assert [s["stage"] for s in record["stages"]] == [SETUP, *STAGE_KINDS]
     for s in record["stages"]:  # every stage measures every GPU, its peak reset at the stage's start
         m = s["metrics"]
         assert set(m["cuda_max_allocated_mb"]) == set(m["cuda_max_reserved_mb"]) == gpus, s["stage"]
         assert all(m["cuda_max_reserved_mb"][g] >= m["cuda_max_allocated_mb"][g] >= 0 for g in gpus), s["stage"]
-    stream = record["stages"][STAGE_KINDS.index("stream")]["metrics"]
+    stream = entry(record, "stream")["metrics"]
     # the weights arrive on GPU 0 during the stream: its peak holds at least the whole quantized model
     assert stream["cuda_max_allocated_mb"]["0"] >= record["footprint_bytes"] / 2**20 - 0.1
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.core.schema import STAGE_KINDS
-from tests.helpers import cli_with_maxrss
+from tests.helpers import cli_with_maxrss, entry
 
 
 @pytest.mark.slow
@@ -20,7 +19,7 @@ def test_llama2_7b_synthetic_nf4_double_loads_in_bounded_memory(tmp_path):
         "stages.stream.progress=false",
     )
     assert code == 0, out[-3000:]
-    stream = record["stages"][STAGE_KINDS.index("stream")]
+    stream = entry(record, "stream")
     assert stream["facts"]["shards"] == 2 and stream["facts"]["tensors"] == 291
     full_precision = record["checkpoint"]["bytes"]
     footprint = record["footprint_bytes"]
