@@ -3,6 +3,7 @@ planning step), measure each, record the run."""
 
 from __future__ import annotations
 
+import copy
 import time
 import traceback
 from pathlib import Path
@@ -11,10 +12,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import guard
-from pipeline.core import record
+from pipeline.core import progress, record, schema
 from pipeline.core.context import LoadContext
 from pipeline.core.measure import ru_maxrss_bytes, track
-from pipeline.core.schema import STAGE_KINDS
 from pipeline.plan.describe import describe
 from pipeline.plan.step import PLAN_KINDS, Plan, summary
 from stages import registry
@@ -41,6 +41,9 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
     `run.json` into `out_dir`. Raises StageError when a stage fails, KeyboardInterrupt when interrupted, and
     record.RecordError when a record cannot be written (the run stops at the first stage it cannot record)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    schema.name_model(cfg)  # with model.path, the record names the checkpoint, not the model YAML
+    progress.configure(bool(cfg.get("progress", True)))
     journal = out_dir / "stages.jsonl"
     rec: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": []}
     ctx: LoadContext | None = None
@@ -52,8 +55,8 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
             guard.check(cfg)  # configs are untrusted: only this project's components, nothing to call
             ctx = LoadContext(cfg=OmegaConf.to_object(cfg))  # runs the schemas' cross-field checks
             # every stage is built, a plan's too: the plan's process then imports what the load's would
-            stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
-            steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if plan else STAGE_KINDS)]
+            stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in schema.STAGE_KINDS}
+            steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if plan else schema.STAGE_KINDS)]
             steps += [("plan", "pipeline.plan.step.Plan", Plan(stages["stream"]))] if plan else []
             for kind, target, stage in steps:
                 run_stage(ctx, kind, target, stage, rec, journal)
@@ -74,6 +77,8 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[Any, dict]:
         rec["plan"] = summary(ctx.facts["plan"]) if rec["status"] == "planned" else None
     rec["checkpoint"] = ctx.facts.get("config_merge", {}).get("checkpoint") if ctx else None
     rec.update(git=record.git_state(), host=record.host(), config=OmegaConf.to_container(cfg, resolve=True))
+    if cfg.model.get("path") and ctx and ctx.facts.get("config_merge", {}).get("architecture"):
+        rec["config"]["model"]["architecture"] = ctx.facts["config_merge"]["architecture"]  # what was built
     rec["versions"] = ctx.facts.get("env_check", {}).get("versions") if ctx else None
     try:
         record.write_json_atomic(out_dir / "run.json", rec)
