@@ -2,7 +2,8 @@
 
 In a terminal a step with a natural fraction (bytes written, bytes streamed) shows a tqdm bar; in a log file
 or under a launcher (stderr is not a terminal) it prints a plain line every `INTERVAL_S` seconds and one when
-it ends, so a log says how far a long build got without carriage-return noise. A step with no natural
+it ends, so a log says how far a long build got without carriage-return noise. A step done within `QUIET_S`
+shows neither. A step with no natural
 fraction (a kernel's first compile) prints one line when it starts and one saying how long it took.
 `progress=false` (the run config's top-level key) turns all of it off: the load process calls `configure`.
 """
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 INTERVAL_S = 10.0  # seconds between plain lines when stderr is not a terminal
+QUIET_S = 1.0  # a step shorter than this shows nothing: no bar in a terminal, no line in a log
 
 _enabled = os.environ.get("QLOAD_PROGRESS", "1") != "0"  # spawned children (the verify reference) inherit it
 
@@ -76,9 +78,10 @@ class Bar:
         if _is_terminal(stream):
             from tqdm import tqdm
 
-            self._tqdm = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=stream or sys.stderr)
-        else:
-            _say(f"{desc}: 0 of {_human(total, unit)}", stream)
+            self._tqdm = tqdm(
+                total=total, desc=desc, unit=unit, unit_scale=True, file=stream or sys.stderr, delay=QUIET_S
+            )
+        self.lines = 0
 
     @property
     def is_bar(self) -> bool:
@@ -95,6 +98,7 @@ class Bar:
         if now - self.last >= INTERVAL_S:
             self.last = now
             pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+            self.lines += 1
             _say(f"{self.desc}: {_human(self.done, self.unit)} of {_human(self.total, self.unit)}{pct}", self.stream)
 
     def close(self) -> None:
@@ -105,7 +109,8 @@ class Bar:
             self._tqdm.close()
             return
         took = time.monotonic() - self.t0
-        _say(f"{self.desc}: {_human(self.done, self.unit)} in {took:.1f} s", self.stream)
+        if took >= QUIET_S or self.lines:
+            _say(f"{self.desc}: {_human(self.done, self.unit)} in {took:.1f} s", self.stream)
 
     def __enter__(self) -> Bar:
         return self
