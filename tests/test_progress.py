@@ -149,3 +149,39 @@ def test_a_sweep_prints_one_line_per_job():
         ],
     }
     assert job_line(2, ["quant=int8"], rec) == "job 2 (quant=int8): ok, load 1.2 s, peak 900 MB"
+
+
+def test_a_pseudo_terminal_shows_the_build_as_a_bar(tmp_path):
+    """The synthetic build in a real pseudo-terminal (sized: tqdm draws nothing in a 0-column one)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import sys
+    import termios
+
+    from tests.conftest import REPO
+
+    code = (
+        "from pipeline.core import progress; progress.QUIET_S = 0.0\n"
+        "from pipeline.checkpoints import synthetic\n"
+        f"synthetic.materialize('tiny', {ARCH!r}, {SYN!r}, {str(tmp_path)!r})\n"
+    )
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a fresh interpreter on the pty
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # before the child can draw
+        os.environ["PYTHONPATH"] = str(REPO)
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the pty
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "Building synthetic tiny checkpoint: 100%|" in text and "\r" in text, text
