@@ -81,8 +81,8 @@ def load(
                 f"{override}: Hydra's own settings apply to `python -m pipeline`, not to load(); "
                 "give load(..., run_dir=...) for the run folder, and run sweeps with the CLI's -m"
             )
-    if not verbose and not any(o.lstrip("+~").startswith("stages.stream.progress=") for o in overrides):
-        overrides.append("stages.stream.progress=false")  # tqdm's bar would go to the caller's terminal
+    if not verbose and not any(o.lstrip("+~").startswith(("progress=", "stages.stream.progress=")) for o in overrides):
+        overrides.append("progress=false")  # bars and progress lines would go to the caller's terminal
     cfg = compose(overrides)
     run_dir = Path(run_dir) if run_dir is not None else record.run_folder(Path("runs") / "api")
     if isolate:
@@ -95,6 +95,9 @@ def load(
             raise LoadFailed(outcome, run_dir / "run.json")
         loaded, rec = None, outcome.record
     else:
+        from pipeline.core import noise
+
+        noise.quiet()  # before torch, transformers and bitsandbytes load: the warnings README lists, filtered
         from pipeline.runner import run
 
         loaded, rec = run(cfg, run_dir, verbose=verbose)

@@ -30,6 +30,8 @@ def main(cfg: DictConfig) -> None:
     job_logging = OmegaConf.to_container(hydra_cfg.job_logging, resolve=True) if hydra_cfg.job_logging else None
     outcome = run_isolated(cfg, out_dir, job_logging=job_logging, extra=cluster.job_facts())
     where = f"record: {out_dir / 'run.json'}" if outcome.written else f"record: not written ({out_dir / 'run.json'})"
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.get("progress", True):
+        print(job_line(hydra_cfg.job.num, hydra_cfg.overrides.task, outcome.record), flush=True)
     if outcome.ok:
         print(where)
         return
@@ -42,6 +44,16 @@ def main(cfg: DictConfig) -> None:
         f"error: {job}: {outcome.message}\n{where}\n"
         f"every job of the sweep: python -m pipeline.report {hydra_cfg.sweep.dir}"
     )
+
+
+def job_line(num: int, overrides: list[str], rec: dict) -> str:
+    """One line per finished job of a sweep: its status, load time (every stage but verify) and peak RSS."""
+    stages = rec.get("stages") or []
+    load_s = sum((s.get("metrics") or {}).get("wall_s") or 0.0 for s in stages if s.get("stage") != "verify")
+    peaks = [(s.get("metrics") or {}).get("rss_peak_mb") for s in stages]
+    peak = max((p for p in peaks if p is not None), default=None)
+    peak_text = f"{peak:.0f} MB" if peak is not None else "-"
+    return f"job {num} ({' '.join(overrides)}): {rec.get('status')}, load {load_s:.1f} s, peak {peak_text}"
 
 
 if __name__ == "__main__":

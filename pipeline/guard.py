@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.core.schema import STAGE_KINDS, StageConfig
+from pipeline.core.schema import STAGE_KINDS, StageConfig, is_schema_option
 from stages.registry import UnknownStage, lookup
 
 SPECIAL_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
@@ -149,6 +149,21 @@ def _check_logging(node: Any, path: str) -> None:
             _check_logging(value, f"{path}[{i}]")
 
 
+def refuse_schema_choice(group: str, value: Any) -> None:
+    """`quant=schema` (any `<group>=<schema>`): a schema is what an option is checked against, not an option;
+    refused with the group's options (the YAML files in conf/<group>/)."""
+    from pipeline import CONF_DIR
+
+    folder = CONF_DIR / group
+    if "." in group or not folder.is_dir():
+        return
+    values = value.list if hasattr(value, "list") else [value]
+    for v in values:
+        if isinstance(v, str) and is_schema_option(v.rpartition("/")[2]):
+            valid = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+            raise UntrustedConfig(f"{group}={v}: a schema, not an option of {group}; valid options: {valid}")
+
+
 def check_argv(argv: list[str]) -> None:
     """Compose what `python -m pipeline ARGV` will run, each job of a sweep as the basic sweeper expands it
     (command-line sweeps and `hydra.sweeper.params`), and `check` each one, before Hydra builds anything."""
@@ -170,6 +185,8 @@ def check_argv(argv: list[str]) -> None:
         )
     parser = OverridesParser.create()
     overrides = parser.parse_overrides(args.overrides)
+    for o in overrides:
+        refuse_schema_choice(o.key_or_group.lstrip("+~"), o.value())
     fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
     primary = compose(fixed, hydra_config=True)
     check(primary)

@@ -31,7 +31,7 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pipeline.core import record
+from pipeline.core import record, schema
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 1  # a stage failed; run.json says which and why
@@ -92,6 +92,7 @@ def run_isolated(
     cfg = copy.deepcopy(cfg)
     with read_write(cfg):
         OmegaConf.resolve(cfg)  # env and Hydra interpolations, as this process sees them
+    schema.name_model(cfg)  # a crash record too names the checkpoint loaded by path
     path = out_dir / "run.json"
     stale = _identity(path)  # a folder used before: its old record must not pass for this run's
     payload = pickle.dumps((cfg, out_dir, job_logging, os.getpid(), extra or {}, verbose))
@@ -178,6 +179,9 @@ def _load(payload: bytes) -> None:
         import logging.config
 
         logging.config.dictConfig(job_logging)
+    from pipeline.core import noise
+
+    noise.quiet()  # before torch, transformers and bitsandbytes are imported: they warn as they load
     from pipeline.runner import GenerationError, StageError, run  # torch loads here, the rest in setup
 
     process = {

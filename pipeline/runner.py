@@ -4,6 +4,7 @@ fresh process, `pipeline.isolate`) and the Python API (`pipeline.load`) both run
 
 from __future__ import annotations
 
+import copy
 import time
 import traceback
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import guard
-from pipeline.core import cachelock, record
+from pipeline.core import cachelock, progress, record, schema
 from pipeline.core.context import LoadContext
 from pipeline.core.measure import ru_maxrss_bytes, track
 from pipeline.core.schema import SETUP, STAGE_KINDS
@@ -51,6 +52,9 @@ def run(cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | Non
     Every second of the measured total is in an entry: `setup` (checking the config, building the stages)
     and one per stage. The generation comes after the load, outside the total, with its own `wall_s`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    schema.name_model(cfg)  # with model.path, the record names the checkpoint, not the model YAML
+    progress.configure(bool(cfg.get("progress", True)))
     journal = out_dir / "stages.jsonl"
     rec: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": []}
     built: dict[str, Any] = {}  # setup's work: the context and the steps to run
@@ -82,6 +86,8 @@ def run(cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | Non
         rec["plan"] = summary(ctx.facts["plan"]) if rec["status"] == "planned" else None
     rec["checkpoint"] = ctx.facts.get("config_merge", {}).get("checkpoint") if ctx else None
     rec.update(git=record.git_state(), host=record.host(), config=OmegaConf.to_container(cfg, resolve=True))
+    if cfg.model.get("path") and ctx and ctx.facts.get("config_merge", {}).get("architecture"):
+        rec["config"]["model"]["architecture"] = ctx.facts["config_merge"]["architecture"]  # what was built
     rec["versions"] = ctx.facts.get("env_check", {}).get("versions") if ctx else None
     if cachelock.events():  # what this load built in the shared cache, or waited for another job to build
         rec["cache"] = cachelock.events()

@@ -98,6 +98,8 @@ class ConfigMerge(Stage):
             config.quantization_config = merged
         facts["quantization_config"] = merged.to_dict() if merged is not None else None
         facts["architecture_from_checkpoint"] = _arch_overrides(cfg.model.architecture, config)
+        if path is not None:
+            facts["architecture"] = built_architecture(path)
         facts["trust_remote_code"] = cfg.model.trust_remote_code
         return facts
 
@@ -126,6 +128,17 @@ def read_config(path: Path, trust_remote_code: bool) -> Any:
                 "model folder"
             ) from None
         raise checkpoint.CheckpointError(f"{where}: {type(err).__name__}: {err}") from None
+
+
+# config.json keys that say how it was saved, not what the model is
+_NOT_ARCHITECTURE = ("_name_or_path", "architectures", "transformers_version", "quantization_config", "auto_map")
+
+
+def built_architecture(path: Path) -> dict[str, Any]:
+    """The architecture of the model built from this checkpoint, as its config.json states it (the run record
+    holds it in place of the model YAML's when the weights come from model.path)."""
+    raw = json.loads((path / "config.json").read_text())
+    return {k: v for k, v in raw.items() if k not in _NOT_ARCHITECTURE}
 
 
 def _check_saved_quantization(saved: Any, quant: QuantConfig, where: str) -> None:

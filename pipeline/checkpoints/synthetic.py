@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 
-from pipeline.core import cachelock
+from pipeline.core import cachelock, progress
 from pipeline.core.dtypes import SAFETENSORS_DTYPE, torch_dtype
 from pipeline.core.publish import building
 from pipeline.core.sizes import parse_size
@@ -61,7 +61,9 @@ def split_shards(plan: list[tuple[str, tuple[int, ...]]], itemsize: int, max_byt
     return shards
 
 
-def _write_shard(path: Path, tensors: list, dtype: torch.dtype, seed: int, std: float) -> None:
+def _write_shard(
+    path: Path, tensors: list, dtype: torch.dtype, seed: int, std: float, bar: progress.Bar | None = None
+) -> None:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -79,7 +81,10 @@ def _write_shard(path: Path, tensors: list, dtype: torch.dtype, seed: int, std: 
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape in tensors:
-            f.write(_fill(name, shape, dtype, seed, std).contiguous().view(torch.uint8).numpy().tobytes())
+            data = _fill(name, shape, dtype, seed, std).contiguous().view(torch.uint8).numpy().tobytes()
+            f.write(data)
+            if bar is not None:
+                bar.update(len(data))
 
 
 def checkpoint_key(architecture: dict, synthetic: dict) -> str:
@@ -102,17 +107,19 @@ def materialize(name: str, architecture: dict, synthetic: dict, cache_dir: Path)
     config = AutoConfig.for_model(**architecture)
     config.dtype = dtype
     plan = tensor_plan(config)
-    shards = split_shards(plan, torch.empty((), dtype=dtype).element_size(), max_bytes)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = split_shards(plan, itemsize, max_bytes)
+    size = sum(itemsize * int(torch.Size(shape).numel()) for _, shape in plan)
 
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def build() -> None:
-        with building(target) as partial:
+        with building(target) as partial, progress.Bar(size, f"Building synthetic {name} checkpoint") as bar:
             weight_map, total = {}, 0
             n = len(shards)
             for i, tensors in enumerate(shards, 1):
                 fname = f"model-{i:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
-                _write_shard(partial / fname, tensors, dtype, synthetic["seed"], synthetic["init_std"])
+                _write_shard(partial / fname, tensors, dtype, synthetic["seed"], synthetic["init_std"], bar)
                 for tname, shape in tensors:
                     weight_map[tname] = fname
                     total += torch.empty((), dtype=dtype).element_size() * int(torch.Size(shape).numel())

@@ -7,12 +7,15 @@ message. Cross-field checks live in `__post_init__`, which `OmegaConf.to_object`
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf, open_dict
 
 from pipeline.core.sizes import parse_size
 
@@ -229,6 +232,7 @@ class RunConfig:
     prompt: str | None = None
     max_new_tokens: int = 8
     plan: bool = False  # stop after device_map and predict the load's memory (pipeline/plan.py); no weight read
+    progress: bool = True  # progress bars and lines on long steps (pipeline/core/progress.py); false: none at all
 
     def __post_init__(self) -> None:
         if self.prompt is not None and not self.prompt.strip():
@@ -242,20 +246,63 @@ class RunConfig:
 SETUP = "setup"
 STAGE_KINDS = ("config_merge", "quantizer", "env_check", "preprocess", "device_map", "stream", "postprocess", "verify")
 
+# Schemas live in a group nobody selects: each YAML option names its schema as `/_schemas_/<group>/<name>@_here_`
+# in `defaults:`, so `model=`, `dtype=`, `stages/stream=` ... offer only real options. (quant's schema is still
+# `quant/schema`; `refuse_schema_choices` keeps it from being picked.)
+SCHEMA_GROUP = "_schemas_"
+
 
 def register() -> None:
-    """Register each schema in its group; the YAML options name them as `<group>/schema` in `defaults:`."""
+    """Register each schema under `_schemas_/`, and the resolver the run folder's name uses."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for group, node in (
-        ("model", ModelConfig),
-        ("quant", QuantConfig),
-        ("device_map", DeviceMapConfig),
-        ("dtype", DtypeConfig),
-    ):
-        cs.store(group=group, name="schema", node=node)
+    cs.store(group="quant", name="schema", node=QuantConfig)
+    for group, node in (("model", ModelConfig), ("device_map", DeviceMapConfig), ("dtype", DtypeConfig)):
+        cs.store(group=SCHEMA_GROUP, name=group, node=node)
     for kind in STAGE_KINDS:
-        cs.store(group=f"stages/{kind}", name="schema", node=StreamConfig if kind == "stream" else StageConfig)
-    cs.store(group="stages/stream", name="bounded_schema", node=BoundedStreamConfig)
-    cs.store(group="stages/verify", name="logits_schema", node=VerifyConfig)
-    cs.store(group="stages/postprocess", name="finalize_schema", node=PostprocessConfig)
+        cs.store(group=f"{SCHEMA_GROUP}/stages/{kind}", name="base", node=StageConfig)
+    cs.store(group=f"{SCHEMA_GROUP}/stages/stream", name="base", node=StreamConfig)
+    cs.store(group=f"{SCHEMA_GROUP}/stages/stream", name="bounded", node=BoundedStreamConfig)
+    cs.store(group=f"{SCHEMA_GROUP}/stages/verify", name="logits", node=VerifyConfig)
+    cs.store(group=f"{SCHEMA_GROUP}/stages/postprocess", name="finalize", node=PostprocessConfig)
+    if not OmegaConf.has_resolver("qload_model"):
+        OmegaConf.register_new_resolver("qload_model", model_name)
+
+
+def is_schema_option(option: str) -> bool:
+    """An option of a group that is a schema, not a choice: `schema`, `bounded_schema`, ..."""
+    return option == "schema" or option.endswith("_schema")
+
+
+_HASH = re.compile(r"^[0-9a-f]{40}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def model_name(path: Any, fallback: Any = None) -> str:
+    """The name of the model at `path` for records and folder names: the folder's name (a hub cache's snapshot
+    folder: its repo's name), else config.json's `_name_or_path`, else its `model_type`; `fallback` (the model
+    YAML's name) without a path. Only config.json is read, as JSON, and only when the folder name says nothing."""
+    if path is None or str(path) in ("", "None"):
+        return str(fallback)
+    folder = Path(str(path)).expanduser()
+    name = folder.name
+    if _HASH.match(name) and folder.parent.name == "snapshots":  # .../models--Qwen--Qwen2-0.5B/snapshots/<sha>
+        name = folder.parent.parent.name.removeprefix("models--").rpartition("--")[2]
+    if not name or name in (".", ".."):
+        name = ""
+        try:
+            raw = json.loads((folder / "config.json").read_text()[: 1 << 20])
+        except (OSError, ValueError):
+            raw = {}
+        if isinstance(raw, dict):
+            name = str(raw.get("_name_or_path") or "").rstrip("/").rpartition("/")[2]
+            name = name or str(raw.get("model_type") or "")
+    return _UNSAFE.sub("_", name).strip("_.") or str(fallback)
+
+
+def name_model(cfg: Any) -> None:
+    """With `model.path`, the run's `model.name` is the checkpoint's (`model_name`), in place."""
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    if model is not None and model.get("path"):
+        with open_dict(cfg):
+            model.name = model_name(model.path, model.get("name"))

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.core import cachelock
+from pipeline.core import cachelock, progress
 from pipeline.core.dtypes import torch_dtype
 
 FORMAT_VERSION = 1
@@ -62,9 +62,11 @@ def reference_logits(
     facts: dict[str, Any] = {"file": str(target), "dtype": str(dtype).removeprefix("torch."), "device": device.type}
     if not target.exists():  # jobs sharing cache_dir: one computes, the others wait (pipeline/core/cachelock.py)
         target.parent.mkdir(parents=True, exist_ok=True)
-        cachelock.build_once(
-            target, Path.exists, lambda: facts.update(_compute_in_child(checkpoint, dtype, device, ids, target))
-        )
+        dt = str(dtype).removeprefix("torch.")
+        with progress.step(f"Computing the unquantized reference logits for verify ({dt}, once per checkpoint)"):
+            cachelock.build_once(
+                target, Path.exists, lambda: facts.update(_compute_in_child(checkpoint, dtype, device, ids, target))
+            )
     facts.setdefault("cached", True)
     stored = load_file(target)
     if not torch.equal(stored["ids"], ids.to(torch.int64)):

@@ -114,6 +114,9 @@ def summarize(path: Path) -> RunSummary:
     except (OSError, json.JSONDecodeError) as err:
         raise RunsError(f"{path / 'run.json'}: not a readable run record ({err})") from None
     settings = _hydra_settings(path) or _config_settings(rec.get("config") or {})
+    loaded = ((rec.get("config") or {}).get("model") or {}).get("name")
+    if loaded:  # the model the run loaded (with model.path, the checkpoint's name), not the group's choice
+        settings["model"] = str(loaded)
     run = RunSummary(path=path, status=str(rec.get("status")), settings=settings, error=rec.get("error"))
     run.slurm = rec.get("slurm") or {}
     for stage in rec.get("stages") or []:

@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import torch
-from tqdm import tqdm
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     WeightConverter,
@@ -27,6 +26,7 @@ from transformers.integrations.accelerate import get_device, offload_weight
 from transformers.modeling_utils import LoadStateDictInfo
 
 from pipeline.checkpoints.checkpoint import CheckpointError
+from pipeline.core import progress
 from pipeline.core.context import LoadContext
 from pipeline.core.holdpoint import hold
 from pipeline.core.schema import BoundedStreamConfig
@@ -79,7 +79,7 @@ class BoundedStreamer(StreamStage):
         return_freed_memory()
         shard_stats: dict[str, dict] = {}
         size = sum(f.stat().st_size for f in ctx.checkpoint.files)
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc="Streaming shards", disable=not self.cfg.progress)
+        bar = progress.Bar(size, "Streaming shards", quiet=not self.cfg.progress)
         t0 = time.perf_counter()
         for shard, key, tensor in read_tensors(ctx.checkpoint.files, self.prefetch):
             hold("stream")  # fault tests only: a signal then lands mid-stream, a tensor read

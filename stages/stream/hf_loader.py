@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pipeline.core import progress
 from pipeline.core.context import LoadContext
 from stages.stream.base import StreamStage
 from stages.stream.prequantized import is_bnb, stored_state
@@ -24,7 +25,7 @@ class TransformersStreamer(StreamStage):
         if ctx.pre_quantized and is_bnb(ctx.quantizer):
             stored_state(ctx)  # every quantized layer's state is in the checkpoint, checked before reading
         ctx.load_config = self.load_config(ctx)
-        if not self.cfg.progress:
+        if not (self.cfg.progress and progress.enabled()):
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         files = [str(f) for f in ctx.checkpoint.files]
         ctx.loading_info, ctx.disk_offload_index = type(model)._load_pretrained_model(

@@ -26,7 +26,11 @@ NaN, bitsandbytes' depend on which reduction kernel torch picked.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from pipeline.core import progress
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -115,6 +119,18 @@ def _tail_4bit(tail: torch.Tensor, pad: bool, quant_type: str) -> tuple[torch.Te
     return (q[::2] << 4) | q[1::2], absmax.reshape(1)
 
 
+_compiled_once: set[str] = set()
+
+
+def _first_compile(what: str) -> contextlib.AbstractContextManager:
+    """A line on the first call of a kernel variant (torch.compile runs then, 10-20 s on 2 cores, with no
+    fraction to show) and one with how long it took; later calls say nothing."""
+    if what in _compiled_once:
+        return contextlib.nullcontext()
+    _compiled_once.add(what)
+    return progress.step(f"Compiling the CPU {what} quantization kernel (first use in this process)")
+
+
 def _check(name: str, value: object, valid: tuple) -> None:
     if value not in valid:
         raise ValueError(f"unsupported {name} {value!r}; valid values: {', '.join(map(str, valid))}")
@@ -147,7 +163,8 @@ def quantize_4bit(
         x = flat[start:stop] if buf is None else buf[: stop - start].copy_(flat[start:stop])
         if stop - start > blocksize:
             torch._dynamo.maybe_mark_dynamic(x, 0)
-            p, a = _compiled_blocks_4bit(x, blocksize, quant_type)
+            with _first_compile(f"{quant_type} (blocksize {blocksize})"):
+                p, a = _compiled_blocks_4bit(x, blocksize, quant_type)
         else:  # dynamo would compile a separate variant for a lone block (a size-1 dim)
             p, a = _blocks_4bit(x, blocksize, quant_type)
         packed[start // 2 : stop // 2] = p.view(-1)
@@ -195,5 +212,6 @@ def int8_vectorwise_quant(
         q, stats = _rows_int8(A)
     else:
         torch._dynamo.maybe_mark_dynamic(A, [0, 1])
-        q, stats = _compiled_rows_int8(A)
+        with _first_compile(f"int8 ({str(A.dtype).removeprefix('torch.')})"):
+            q, stats = _compiled_rows_int8(A)
     return q, stats, None

@@ -21,6 +21,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from pipeline.checkpoints import checkpoint, synthetic
+from pipeline.core import progress
 from pipeline.core.context import LoadContext
 from pipeline.core.dtypes import SAFETENSORS
 from pipeline.core.placement import device_of
@@ -206,9 +207,10 @@ def probe_kernels(ctx: LoadContext, device_map: dict[str, Any], kernel: str) -> 
         on_cpu = str(device_of(device_map, name.rpartition(".")[0])) == "cpu"
         if not on_cpu or not ctx.quantizer.param_needs_quantization(ctx.model, name):
             continue
-        if hasattr(param, "blocksize"):
-            return {"4bit": probe("4bit", ctx.dtype, param.blocksize, param.quant_type)}
-        return {"int8": probe("int8", ctx.dtype)}
+        with progress.step("Plan: measuring the CPU kernel's memory on a probe tensor"):
+            if hasattr(param, "blocksize"):
+                return {"4bit": probe("4bit", ctx.dtype, param.blocksize, param.quant_type)}
+            return {"int8": probe("int8", ctx.dtype)}
     return {}
 
 
