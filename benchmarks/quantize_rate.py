@@ -20,7 +20,7 @@ from collections.abc import Callable
 import bitsandbytes.functional as F
 import torch
 
-from stages.stream import kernels
+from stages.backends.bnb import kernels
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 
