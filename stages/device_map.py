@@ -94,7 +94,11 @@ class AccelerateDeviceMap(Stage):
             ctx.max_memory = parse_max_memory(cfg.device_map.max_memory)
             device_map, budget = infer_map(model, ctx.requested_device_map, ctx.max_memory, ctx.quantizer)
         ctx.device_map = {k: (v if isinstance(v, (int, str)) else str(v)) for k, v in device_map.items()}
-        module_sizes, leaf_sizes = hf_accelerate.compute_module_sizes(model, ctx.quantizer)
+        module_sizes, leaf_sizes = (
+            ctx.backend.module_sizes(model, ctx.quantizer)
+            if ctx.backend is not None
+            else hf_accelerate.compute_module_sizes(model, ctx.quantizer)
+        )
         per_device: Counter = Counter()
         for leaf, size in leaf_sizes.items():
             per_device[str(device_of(ctx.device_map, leaf))] += size

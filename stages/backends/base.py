@@ -96,6 +96,10 @@ class Backend:
         """The skeleton's modules that will hold quantized weights, after `preprocess_model`."""
         return [(n, m) for n, m in model.named_modules() if self.is_quantized_module(m)]
 
+    def quantizes(self, model: Any, quantizer: Any, name: str) -> bool:
+        """Whether the load turns the full-precision tensor `name` into a quantized one (the plan's question)."""
+        return not quantizer.pre_quantized and quantizer.param_needs_quantization(model, name)
+
     def quant_state_bytes(self, param: Any, numel: int, shape: tuple[int, ...] | None = None) -> int:
         """Bytes a quantized weight keeps beside its data that `get_memory_footprint` does not count."""
         return 0
@@ -103,6 +107,22 @@ class Backend:
     def stored_bytes(self, model: Any, quantizer: Any, name: str, param: Any, numel: int) -> int:
         """Bytes the quantized weight `name` takes in `get_memory_footprint`."""
         return int(numel * quantizer.param_element_size(model, name, param))
+
+    def footprint_bytes(self, model: Any, quantizer: Any, name: str, param: Any) -> int:
+        """Bytes `get_memory_footprint` will count for parameter or buffer `name` once loaded."""
+        return int(param.numel() * quantizer.param_element_size(model, name, param))
+
+    def module_sizes(self, model: Any, quantizer: Any) -> tuple[dict[str, int], dict[str, int]]:
+        """accelerate's per-module sizes (all modules, leaves) with this backend's `footprint_bytes`."""
+        from transformers.integrations.accelerate import compute_module_sizes
+
+        backend = self
+
+        class Sizes:  # the one hook compute_module_sizes asks a quantizer
+            def param_element_size(self, model: Any, name: str, param: Any) -> float:
+                return backend.footprint_bytes(model, quantizer, name, param) / max(param.numel(), 1)
+
+        return compute_module_sizes(model, Sizes() if quantizer is not None else None)
 
     def transient_bytes(self, param: Any, numel: int) -> int:
         """Bytes quantizing one weight allocates beyond its stored form and state (the plan's convert cost)."""

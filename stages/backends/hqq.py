@@ -19,11 +19,15 @@ from pipeline.core.schema import HqqQuantConfig
 from stages.backends.base import Backend
 
 
-def packed_bytes(numel: int, nbits: int) -> int:
-    """Bytes of hqq's packed W_q for `numel` weights (hqq.core.bitpack: 8/4/2/1 bits in uint8, 3 in int32)."""
+def packed_bytes(numel: int, nbits: int, group_size: int, axis: int = 1) -> int:
+    """Bytes of hqq's packed W_q for `numel` weights: the weight is reshaped to (numel / group_size, group_size)
+    (axis 1; axis 0: (group_size, numel / group_size)) and packed along its first dimension (hqq.core.bitpack):
+    8 / 4 / 2 / 1 bits as 1 / 2 / 4 / 8 rows per uint8, 3 bits as 10 rows per int32."""
+    rows, cols = (numel // group_size, group_size) if axis == 1 else (group_size, numel // group_size)
     if nbits == 3:
-        return 4 * -(-numel // 10)
-    return -(-numel * nbits // 8)
+        return 4 * -(-rows // 10) * cols
+    per_byte = 8 // nbits
+    return -(-rows // per_byte) * cols
 
 
 class HqqBackend(Backend):
@@ -53,21 +57,28 @@ class HqqBackend(Backend):
     def is_quantized_module(self, module: torch.nn.Module) -> bool:
         return getattr(module, "quant_config", None) is not None and isinstance(module, torch.nn.Linear)
 
-    def _settings(self, param: Any) -> tuple[int, int]:
+    def _settings(self) -> tuple[int, int, int]:
         q = self.quant
-        return (q.nbits, q.group_size) if q is not None else (4, 64)
+        return (q.nbits, q.group_size, q.axis) if q is not None else (4, 64, 1)
+
+    def quantizes(self, model: Any, quantizer: Any, name: str) -> bool:
+        module = model.get_submodule(name.rpartition(".")[0])
+        return not quantizer.pre_quantized and self.is_quantized_module(module) and name.endswith(".weight")
 
     def stored_bytes(self, model: Any, quantizer: Any, name: str, param: Any, numel: int) -> int:
         module = model.get_submodule(name.rpartition(".")[0])
-        if not self.is_quantized_module(module):
+        if not self.is_quantized_module(module) or not name.endswith(".weight"):
             return numel * param.element_size()
-        if name.endswith(".bias"):
-            return numel * param.element_size()
-        return packed_bytes(numel, self._settings(param)[0])
+        return packed_bytes(numel, *self._settings())
+
+    def footprint_bytes(self, model: Any, quantizer: Any, name: str, param: Any) -> int:
+        """W_q is the layer's one parameter: get_memory_footprint counts it packed (scale and zero live in the
+        layer's `meta` dict, which it does not count)."""
+        return self.stored_bytes(model, quantizer, name, param, param.numel())
 
     def quant_state_bytes(self, param: Any, numel: int, shape: tuple[int, ...] | None = None) -> int:
-        nbits, group = self._settings(param)
-        return 2 * -(-numel // group) * param.element_size()  # scale and zero, compute dtype
+        nbits, group, _ = self._settings()
+        return 2 * -(-numel // group) * param.element_size()  # scale and zero, in the compute dtype
 
     def quantize(
         self, model: Any, quantizer: Any, name: str, value: torch.Tensor, kernel: str, missing: set[str]

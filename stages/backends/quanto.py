@@ -26,5 +26,15 @@ class QuantoBackend(Backend):
 
         return QuantoConfig(weights=quant.weights.value)
 
+    def footprint_bytes(self, model: Any, quantizer: Any, name: str, param: Any) -> int:
+        """quanto's QTensor reports its logical dtype's element size, so get_memory_footprint counts a quantized
+        weight at full size; the layers' input/output scales are made float32 when the weight is frozen."""
+        if name.endswith(("input_scale", "output_scale")):
+            return param.numel() * 4
+        return param.numel() * param.element_size()
+
+    def stored_bytes(self, model: Any, quantizer: Any, name: str, param: Any, numel: int) -> int:
+        return int(numel * quantizer.param_element_size(model, name, param))
+
     def is_quantized_module(self, module: torch.nn.Module) -> bool:
         return type(module).__module__.startswith("optimum.quanto")

@@ -60,6 +60,11 @@ class TorchaoBackend(Backend):
             and quantizer.param_needs_quantization(model, f"{n}.weight")
         ]
 
+    def footprint_bytes(self, model: Any, quantizer: Any, name: str, param: Any) -> int:
+        """torchao's tensors report the element size of their logical dtype: get_memory_footprint counts a
+        quantized weight as if it were unquantized (the scales are inside that figure's reach no more)."""
+        return param.numel() * param.element_size()
+
     def quant_state_bytes(self, param: Any, numel: int, shape: tuple[int, ...] | None = None) -> int:
         """One scale per output row (int8 in the compute dtype, float8 in float32)."""
         rows = (shape or tuple(param.shape))[0]

@@ -132,9 +132,7 @@ def simulate(
             del held[target]
         device = str(device_of(device_map, target.rpartition(".")[0]))
         on_host = device == "cpu"
-        quantized = (
-            quantizer is not None and not quantizer.pre_quantized and quantizer.param_needs_quantization(model, target)
-        )
+        quantized = quantizer is not None and backend.quantizes(model, quantizer, target)
         compiling = 0
         if quantized:
             stored = backend.stored_bytes(model, quantizer, target, param, r.numel)
