@@ -68,3 +68,27 @@ def test_backends_table_is_closed():
     assert set(backends.BACKENDS) == {"bnb", "torchao", "quanto", "hqq"}
     for name, cls in backends.BACKENDS.items():
         assert cls.__module__.startswith("stages.backends."), name
+
+
+def test_torchao_checkpoint_saved_by_save_pretrained_loads_as_saved(load, tmp_path):
+    """torchao can save: transformers' save_pretrained writes it, we load it as saved (quant=none) through the
+    transformers streamer and get transformers' own load of it; the bounded streamer says it has no reader."""
+    path = save("llama", tmp_path / "ck")
+    ours, *_ = load(f"model.path={path}", "quant=torchao/int8_weight_only", "dtype=fp16")
+    saved = tmp_path / "saved"
+    ours.save_pretrained(saved)
+    reloaded, record, _ = load(f"model.path={saved}", "quant=none", "stages/stream=transformers")
+    assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["backend"] == "torchao"
+    reference = AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
+    assert (logits(reloaded) - logits(reference)).abs().max().item() == 0
+    assert (logits(reloaded) - logits(ours)).abs().max().item() == 0
+    from pipeline.runner import StageError
+
+    with pytest.raises(
+        StageError, match="which the bounded streamer has no reader for: use stages/stream=transformers"
+    ):
+        load(f"model.path={saved}", "quant=none")
+
+
+def test_quanto_says_it_cannot_save():
+    assert "cannot serialize" in backends.BACKENDS["quanto"].cannot_save
