@@ -45,7 +45,7 @@ def plan_and_load(cache_dir, tmp_path_factory):
             overrides = [f"cache_dir={cache_dir}", "stages.stream.progress=false", f"quant={quant}", *MODELS[model]]
             # built here, not inside the measured load: writing a checkpoint raises the writer's RSS
             checkpoint.locate(compose(overrides).model, str(cache_dir))
-            out = tmp_path_factory.mktemp(f"{model}-{quant}")
+            out = tmp_path_factory.mktemp(f"{model}-{quant}".replace("/", "-"))
             plan = run_isolated(compose([*overrides, "plan=true"]), out / "plan").record
             load = run_isolated(compose(overrides), out / "load").record
             done[model, quant] = (plan, load)
