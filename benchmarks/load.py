@@ -68,7 +68,7 @@ def theirs(path: Path, quant: str, dtype: str, workdir: Path) -> dict:
 def child(path: str, quant: str, dtype: str) -> None:
     """The reference: one `from_pretrained` call with the quantization config our pipeline builds."""
     import psutil
-    import torch  # noqa: F401
+    import torch
     from transformers import AutoModelForCausalLM
 
     from pipeline import compose
@@ -77,10 +77,20 @@ def child(path: str, quant: str, dtype: str) -> None:
 
     cfg = compose([f"quant={quant}"])
     dt = torch_dtype(dtype, "dtype")
-    q = requested_quantization(cfg.quant, dt) if quant != "none" else None
+    hqq = cfg.quant.backend == "hqq"  # transformers 5 cannot quantize HQQ at load time: load, then hqq's own code
+    q = requested_quantization(cfg.quant, dt) if quant != "none" and not hqq else None
     before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=dt, device_map="cpu")
+    if hqq:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        settings = BaseQuantizeConfig(nbits=cfg.quant.nbits, group_size=cfg.quant.group_size, axis=cfg.quant.axis)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                parent, _, leaf = name.rpartition(".")
+                layer = HQQLinear(module, settings, del_orig=True, compute_dtype=dt, device="cpu")
+                setattr(model.get_submodule(parent), leaf, layer)
     wall = time.perf_counter() - t0
     print(json.dumps({"wall_s": wall, "rss_before": before, "footprint": model.get_memory_footprint()}))
 

@@ -1,6 +1,7 @@
-"""Quantization rate on the CPU: bitsandbytes' ops vs stages.stream.kernels, in GB/s of input.
+"""Quantization rate on the CPU: bitsandbytes' ops vs our bnb kernels, in GB/s of input; then every backend's
+per-tensor quantize side by side (--backends).
 
-    python benchmarks/quantize_rate.py [--threads N] [--repeat N] [--page-cache-mib N]
+    python benchmarks/quantize_rate.py [--threads N] [--repeat N] [--page-cache-mib N] [--backends-only]
 
 Llama-7B shaped fp16 weights (4096x4096, 11008x4096); every row also checks that both give the
 same bytes.  The double-quant statistics op (bitsandbytes' quantize_blockwise, not replaced) is
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import bitsandbytes.functional as F
 import torch
 
-from stages.stream import kernels
+from stages.backends.bnb import kernels
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 
@@ -57,13 +58,73 @@ def page_cache_rate(mib: int) -> float:
     return len(buf) / 1e9 / seconds
 
 
+def _linear(w: torch.Tensor) -> torch.nn.Linear:
+    """An nn.Linear holding `w` (no copy): what each backend's op quantizes."""
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    return lin
+
+
+def backend_ops() -> dict[str, Callable[[torch.Tensor], object]]:
+    """One full-precision weight -> its quantized form, with each backend's own code (what the stream runs)."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8
+    from optimum.quanto import quantize as quanto_quantize
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    def torchao(config):
+        return lambda w: quantize_(_linear(w), config)
+
+    def quanto(qtype):
+        def op(w):
+            lin = _linear(w)
+            quanto_quantize(lin, weights=qtype)
+            freeze(lin)
+
+        return op
+
+    def hqq(nbits, group):
+        config = BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1)
+        return lambda w: HQQLinear(_linear(w), config, compute_dtype=w.dtype, device="cpu")
+
+    return {
+        "bnb/nf4 (ours)": lambda w: kernels.quantize_4bit(w, 64, "nf4"),
+        "bnb/int8 (ours)": lambda w: kernels.int8_vectorwise_quant(w),
+        "torchao/int8_weight_only": torchao(Int8WeightOnlyConfig()),
+        "torchao/float8_weight_only": torchao(Float8WeightOnlyConfig()),
+        "quanto/int8": quanto(qint8),
+        "quanto/int4": quanto(qint4),
+        "quanto/int2": quanto(qint2),
+        "quanto/float8": quanto(qfloat8),
+        "hqq/b8_g64": hqq(8, 64),
+        "hqq/b4_g64": hqq(4, 64),
+        "hqq/b2_g16": hqq(2, 16),
+    }
+
+
+def backend_rates(shape: tuple[int, int], repeat: int) -> None:
+    print(f"\nper-tensor quantize, one {shape[0]}x{shape[1]} fp16 weight, best of {repeat} after a warm-up")
+    print(f"{'backend/scheme':>28} {'GB/s':>8} {'ms':>9}")
+    for name, op in backend_ops().items():
+        w = torch.randn(shape, dtype=torch.float16) * 0.02
+        op(w.clone())  # warm-up: compiles or builds the backend's extension on first use
+        t = best_seconds(repeat, lambda op=op, w=w: op(w.clone()))
+        gb = w.numel() * w.element_size() / 1e9
+        print(f"{name:>28} {gb / t:8.3f} {t * 1e3:9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeat", type=int, default=3, help="best of N timed calls (after a warm-up)")
     parser.add_argument("--page-cache-mib", type=int, default=512, help="0 skips the page-cache read")
+    parser.add_argument("--backends-only", action="store_true", help="only the per-backend table")
+    parser.add_argument("--backend-shape", type=int, nargs=2, default=[4096, 4096])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.backends_only:
+        backend_rates(tuple(args.backend_shape), args.repeat)
+        return
 
     ops = {
         "nf4": (
@@ -106,6 +167,8 @@ def main() -> None:
             f"{'x'.join(map(str, shape)):>12} double-quant absmax (bnb, native): {t * 1e3:.2f} ms, "
             f"{centered.numel() * 4 / 1e9 / t:.2f} GB/s of its fp32 input"
         )
+
+    backend_rates(tuple(args.backend_shape), args.repeat)
 
     if args.page_cache_mib:
         print(

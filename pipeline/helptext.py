@@ -31,7 +31,8 @@ KEYS = [
 
 
 def options(group: str) -> list[Path]:
-    return sorted((CONF / group).glob("*.yaml"))
+    """The group's option files, those in its sub-folders too (quant/bnb/nf4.yaml is the option bnb/nf4)."""
+    return sorted(p for p in (CONF / group).rglob("*.yaml") if p.stem != "schema")
 
 
 def defaults() -> dict[str, str]:
@@ -70,11 +71,11 @@ def template() -> str:
     for group in GROUPS:
         out.append("")
         out.append(f"{group}:")
-        names = [p.stem for p in options(group)]
-        width = max(len(n) for n in names) + 2
-        for path in options(group):
-            star = "*" if chosen.get(group) == path.stem else " "
-            out.append(f"  {path.stem:<{width}}{star} {describe(path)}")
+        names = {p: p.relative_to(CONF / group).with_suffix("").as_posix() for p in options(group)}
+        width = max(len(n) for n in names.values()) + 2
+        for path, name in names.items():
+            star = "*" if chosen.get(group) == name else " "
+            out.append(f"  {name:<{width}}{star} {describe(path)}")
     out += ["", "== Common keys (key=value) ==", ""]
     width = max(len(k) for k, _ in KEYS) + 2
     out += [f"  {k:<{width}}{d}" for k, d in KEYS]

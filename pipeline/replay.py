@@ -44,7 +44,10 @@ def build_config(config: dict[str, Any], overrides: list[str]) -> DictConfig:
     """The recorded config on the run schema (so it is validated as at compose time), then the overrides."""
     try:
         guard.check(OmegaConf.create(config))  # a record from elsewhere is untrusted: nothing in it may run
-        cfg = OmegaConf.merge(OmegaConf.structured(schema.RunConfig), config, OmegaConf.from_dotlist(overrides))
+        base = OmegaConf.structured(schema.RunConfig)
+        if isinstance(config.get("quant"), dict):  # each backend has its own quant schema
+            base.quant = OmegaConf.structured(schema.quant_schema(config["quant"]))
+        cfg = OmegaConf.merge(base, config, OmegaConf.from_dotlist(overrides))
         guard.check(cfg)
         OmegaConf.to_object(cfg)  # the schemas' cross-field checks, before any work
     except guard.UntrustedConfig as err:

@@ -9,36 +9,21 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import CONFIG_MAPPING, AutoConfig, BitsAndBytesConfig
+from transformers import CONFIG_MAPPING, AutoConfig
 from transformers.quantizers.auto import AutoHfQuantizer
 
 from pipeline.checkpoints import checkpoint
 from pipeline.core.context import LoadContext
 from pipeline.core.dtypes import torch_dtype
-from pipeline.core.schema import DtypeName, ModelConfig, QuantConfig, QuantMethod
+from pipeline.core.schema import DtypeName, ModelConfig, QuantConfig
+from stages import backends
 from stages.base import Stage
 
 
-def requested_quantization(quant: QuantConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """The `BitsAndBytesConfig` a quant group asks for (None for quant=none)."""
-    if quant.method == QuantMethod.none:
-        return None
-    compute = (
-        dtype
-        if quant.bnb_4bit_compute_dtype == DtypeName.auto
-        else torch_dtype(quant.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype")
-    )
-    return BitsAndBytesConfig(
-        load_in_4bit=quant.method == QuantMethod.bnb_4bit,
-        load_in_8bit=quant.method == QuantMethod.bnb_8bit,
-        bnb_4bit_quant_type=quant.bnb_4bit_quant_type.value,
-        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=compute,
-        llm_int8_threshold=quant.llm_int8_threshold,
-        llm_int8_has_fp16_weight=quant.llm_int8_has_fp16_weight,
-        llm_int8_skip_modules=list(quant.llm_int8_skip_modules) if quant.llm_int8_skip_modules else None,
-        llm_int8_enable_fp32_cpu_offload=quant.llm_int8_enable_fp32_cpu_offload,
-    )
+def requested_quantization(quant: QuantConfig, dtype: torch.dtype) -> Any:
+    """The transformers quantization config a quant group asks for, built by its backend (None: quant=none)."""
+    backend = backends.for_quant(quant)
+    return backend.hf_config(quant, dtype) if backend is not None else None
 
 
 def _differences(requested: Any, merged: Any) -> dict[str, Any]:
@@ -74,7 +59,8 @@ class ConfigMerge(Stage):
         else:
             ctx.dtype = torch_dtype(cfg.dtype.name, "dtype")
 
-        requested = requested_quantization(cfg.quant, ctx.dtype)
+        ctx.backend = backends.for_quant(cfg.quant)
+        requested = ctx.backend.hf_config(cfg.quant, ctx.dtype) if ctx.backend is not None else None
         saved_q = getattr(config, "quantization_config", None)
         facts: dict[str, Any] = {
             "checkpoint": ctx.checkpoint.to_record() if ctx.checkpoint else None,
@@ -83,7 +69,7 @@ class ConfigMerge(Stage):
         }
         if saved_q is not None:
             where = str(path / "config.json") if path is not None else f"model.architecture of model={cfg.model.name}"
-            _check_saved_quantization(saved_q, cfg.quant, where)
+            ctx.backend = _check_saved_quantization(saved_q, cfg.quant, where)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # we record what was ignored instead of warning about it
                 merged = AutoHfQuantizer.merge_quantization_configs(saved_q, requested)
@@ -97,6 +83,7 @@ class ConfigMerge(Stage):
         if merged is not None:
             config.quantization_config = merged
         facts["quantization_config"] = merged.to_dict() if merged is not None else None
+        facts["backend"] = ctx.backend.name if ctx.backend is not None else None
         facts["architecture_from_checkpoint"] = _arch_overrides(cfg.model.architecture, config)
         if path is not None:
             facts["architecture"] = built_architecture(path)
@@ -141,29 +128,33 @@ def built_architecture(path: Path) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k not in _NOT_ARCHITECTURE}
 
 
-def _check_saved_quantization(saved: Any, quant: QuantConfig, where: str) -> None:
-    """A checkpoint saved quantized: refuse a method transformers does not know, and a bitsandbytes request
-    on weights another method quantized (they cannot be quantized again)."""
-    saved = saved if isinstance(saved, dict) else saved.to_dict()
-    method = saved.get("quant_method")
-    if saved.get("load_in_4bit") or saved.get("load_in_8bit"):
-        method = "bitsandbytes"
+def _check_saved_quantization(saved: Any, quant: QuantConfig, where: str) -> backends.Backend | None:
+    """A checkpoint saved quantized: refuse a method transformers does not know, and a request for one
+    backend on weights another method quantized (they cannot be quantized again). Returns our backend for the
+    saved method, if we have one."""
+    method = backends.saved_method(saved)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        known = method is not None and AutoHfQuantizer.supports_quant_method(saved)
+        known = method is not None and AutoHfQuantizer.supports_quant_method(
+            saved if isinstance(saved, dict) else saved.to_dict()
+        )
     if not known:
         raise checkpoint.CheckpointError(
             f"{where}: quantization_config.quant_method={method!r} is not a quantization method transformers "
-            f"{transformers.__version__} knows (e.g. bitsandbytes, gptq, awq); remove quantization_config if the "
+            f"{transformers.__version__} knows (e.g. torchao, hqq, gptq, awq); remove quantization_config if the "
             "weights are not quantized, or upgrade transformers"
         )
-    if not str(method).startswith("bitsandbytes") and quant.method != QuantMethod.none:
+    backend = backends.for_saved(method)
+    requested = backends.for_quant(quant)
+    if requested is not None and (backend is None or type(backend) is not type(requested)):
         raise checkpoint.CheckpointError(
             f"{where}: the checkpoint is already quantized with {method} (quantization_config.quant_method), and "
-            f"quant={quant.name} asks for bitsandbytes; quantized weights cannot be quantized again. Load them "
-            f"as saved with quant=none stages/stream=transformers ({method}'s own backend installed), or point "
-            "model.path at the full-precision weights"
+            f"quant={quant.name} asks for {requested.name}; quantized weights cannot be quantized again. Load them "
+            f"as saved with quant=none"
+            + ("" if backend is not None else " stages/stream=transformers")
+            + f" ({method}'s own backend installed), or point model.path at the full-precision weights"
         )
+    return backend
 
 
 def architecture_config(model: ModelConfig) -> Any:

@@ -20,7 +20,7 @@ from accelerate.utils import get_max_memory
 from transformers.integrations import accelerate as hf_accelerate
 
 from pipeline.core.context import LoadContext
-from pipeline.core.placement import check_no_quantized_on_disk, check_quantized_offload, compact_names, device_of
+from pipeline.core.placement import compact_names, device_of
 from pipeline.core.schema import Policy
 from pipeline.core.sizes import gib, parse_size
 from stages.base import Stage
@@ -94,7 +94,11 @@ class AccelerateDeviceMap(Stage):
             ctx.max_memory = parse_max_memory(cfg.device_map.max_memory)
             device_map, budget = infer_map(model, ctx.requested_device_map, ctx.max_memory, ctx.quantizer)
         ctx.device_map = {k: (v if isinstance(v, (int, str)) else str(v)) for k, v in device_map.items()}
-        module_sizes, leaf_sizes = hf_accelerate.compute_module_sizes(model, ctx.quantizer)
+        module_sizes, leaf_sizes = (
+            ctx.backend.module_sizes(model, ctx.quantizer)
+            if ctx.backend is not None
+            else hf_accelerate.compute_module_sizes(model, ctx.quantizer)
+        )
         per_device: Counter = Counter()
         for leaf, size in leaf_sizes.items():
             per_device[str(device_of(ctx.device_map, leaf))] += size
@@ -111,17 +115,16 @@ class AccelerateDeviceMap(Stage):
                 "set it to a folder for the offloaded weights (DIR), or map those modules to cpu or a GPU"
             )
         if over and not cfg.device_map.offload_folder:
-            facts["does_not_fit"] = shortfall(over, module_sizes, budget, cfg)
+            facts["does_not_fit"] = shortfall(over, module_sizes, budget, cfg, ctx.backend)
             if not cfg.plan:
                 raise DoesNotFit(facts["does_not_fit"]["message"])
-            return facts  # a plan records it; what bitsandbytes would say of the offload no longer matters
-        if ctx.quantizer is not None:
-            check_quantized_offload(
-                ctx.device_map, ctx.quantizer, cfg.quant, f"device_map={cfg.device_map.policy.value}"
-            )
-            ctx.quantizer.validate_environment(device_map=ctx.device_map)
+            return facts  # a plan records it; what the backend would say of the offload no longer matters
+        if ctx.quantizer is not None and ctx.backend is not None:
+            where = f"device_map={cfg.device_map.policy.value}"
+            ctx.backend.check_device_map(ctx, ctx.device_map, where, explicit=cfg.device_map.policy == Policy.explicit)
+            ctx.backend.validate_map(ctx.quantizer, ctx.device_map)
             top_level = [name for name, _ in model.named_children()]
-            check_no_quantized_on_disk(ctx.device_map, quantized_modules(model, ctx.quantizer), top_level)
+            ctx.backend.check_loaded_map(ctx, ctx.device_map, quantized_modules(model, ctx.quantizer), top_level)
         if over and not cfg.plan:
             Path(cfg.device_map.offload_folder).expanduser().mkdir(parents=True, exist_ok=True)
         return facts
@@ -137,17 +140,15 @@ def quantized_modules(model: Any, quantizer: Any) -> list[str]:
     ]
 
 
-def shortfall(over: list[str], module_sizes: dict[str, int], budget: dict | None, cfg: Any) -> dict[str, Any]:
+def shortfall(
+    over: list[str], module_sizes: dict[str, int], budget: dict | None, cfg: Any, backend: Any = None
+) -> dict[str, Any]:
     """How much of the model accelerate could not place within the budgets, and which modules."""
     over_bytes = int(sum(module_sizes[m] for m in over))
     total = int(module_sizes[""])
     budgets = ", ".join(f"{k} {gib(v)}" for k, v in (budget or {}).items() if k != "disk")
-    quantized = ", bitsandbytes 10% for its buffers" if cfg.quant.method.value != "none" else ""
-    explicit = (
-        " (with device_map=explicit and quant.llm_int8_enable_fp32_cpu_offload=true, which keeps them unquantized)"
-        if quantized
-        else ""
-    )
+    quantized = ", the quantizer 10% for its buffers" if cfg.quant.quantized else ""
+    explicit = backend.offload_hint if backend is not None else ""
     message = (
         f"model={cfg.model.name} quant={cfg.quant.name} does not fit: {gib(over_bytes)} of its {gib(total)} "
         f"({compact_names(over)}) are over the budgets ({budgets}; accelerate keeps room for the largest layer "

@@ -1,4 +1,5 @@
-"""Stage 3: is this load possible here? Library versions, devices, the backend, the requested map."""
+"""Stage 3: is this load possible here? Library versions, devices, the quantization backend (its package, the
+scheme on this machine), the requested map."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ import torch
 from transformers.integrations.accelerate import check_and_set_device_map
 
 from pipeline.core.context import LoadContext
-from pipeline.core.placement import check_quantized_offload
 from pipeline.core.schema import DeviceMapConfig, Policy
 from stages.base import Stage
 
-PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "hydra-core")
+PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "hydra-core")
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Versions of the packages every load needs, and of the backend's own (`extra`)."""
     found: dict[str, str | None] = {}
-    for name in PACKAGES:
+    for name in PACKAGES + extra:
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -59,27 +60,12 @@ def absent_gpus(dm: DeviceMapConfig, plan: bool) -> list[int]:
     return absent
 
 
-def check_backend(ctx: LoadContext, requested: Any, facts: dict[str, Any]) -> None:
-    """transformers' own check that bitsandbytes is installed and has a backend for a device here, its
-    message prefixed with what was asked, what is installed and the two ways out."""
-    try:
-        ctx.quantizer.validate_environment(device_map=requested, weights_only=True)
-    except (ImportError, RuntimeError) as err:
-        here = "cuda, cpu" if facts["devices"]["cuda"] else "cpu"
-        installed = facts["versions"].get("bitsandbytes") or "not installed"
-        raise RuntimeError(
-            f"quant={ctx.cfg.quant.name} needs bitsandbytes with a backend for a device here ({here}); "
-            f"bitsandbytes: {installed}. Fix: pip install -U 'bitsandbytes>=0.48' (CPU support), or load "
-            f"unquantized with quant=none. transformers says: {err}"
-        ) from None
-
-
 class EnvCheck(Stage):
     kind = "env_check"
 
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         facts: dict[str, Any] = {
-            "versions": package_versions(),
+            "versions": package_versions(ctx.backend.packages if ctx.backend is not None else ()),
             "python": platform.python_version(),
             "devices": devices(),
         }
@@ -87,12 +73,14 @@ class EnvCheck(Stage):
         if absent:
             facts["planned_gpus_not_here"] = absent
         requested = check_and_set_device_map(requested_map(ctx.cfg.device_map))
-        if isinstance(requested, dict):
-            check_quantized_offload(requested, ctx.quantizer, ctx.cfg.quant, "device_map.map")
+        if isinstance(requested, dict) and ctx.backend is not None:
+            ctx.backend.check_device_map(ctx, requested, "device_map.map", explicit=True)
+        if ctx.backend is not None:
+            # the package, the scheme on this machine, then transformers' own check: before any weight is read
+            ctx.backend.check_environment(ctx, requested, facts)
+            facts["backend"] = ctx.backend.name
         if ctx.quantizer is not None:
-            check_backend(ctx, requested, facts)
             requested = ctx.quantizer.update_device_map(requested)
-            facts["bnb_backend"] = "cuda" if torch.cuda.is_available() else "cpu"
         ctx.requested_device_map = requested
         facts["requested_device_map"] = requested
         return facts

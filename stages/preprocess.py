@@ -58,15 +58,16 @@ class MetaSkeleton(Stage):
         ctx.model = model
         params = list(model.parameters())
         allocated = sum(p.numel() * p.element_size() for p in params if p.device.type != "meta")
-        bnb_layers = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
+        backend = ctx.backend
+        quantized = [m for _, m in backend.quantized_modules(model, ctx.quantizer)] if backend is not None else []
         facts = {
             "model_class": cls.__name__,
             "parameters": sum(p.numel() for p in params),
             "weight_bytes_allocated": allocated,
-            "quantized_module_types": sorted({type(m).__name__ for m in bnb_layers}),
+            "quantized_module_types": sorted({type(m).__name__ for m in quantized}),
             "not_converted": sorted(getattr(ctx.quantizer, "modules_to_not_convert", []) or []),
         }
-        if ctx.quantizer is not None and not bnb_layers and not ctx.pre_quantized:
+        if ctx.quantizer is not None and backend is not None and not quantized and not ctx.pre_quantized:
             # e.g. Falcon: transformers swaps modules whose type is exactly nn.Linear or Conv1D, not subclasses
             facts["note"] = (
                 f"the quantizer replaced no layer of {cls.__name__}: it loads unquantized, as from_pretrained "

@@ -52,7 +52,9 @@ class LogitsVerify(Stage):
         checkpoint = ctx.require("checkpoint", self.kind)
         ids, facts = self._inputs(ctx)
         device = next(p.device for p in model.parameters() if p.device.type != "meta")
-        with torch.inference_mode():
+        # no_grad, not inference_mode: optimum-quanto's packed int4/int2 weights unpack into tensors whose
+        # version counter inference_mode forbids setting ("Cannot set version_counter for inference tensor")
+        with torch.no_grad():
             logits = model(ids.unsqueeze(0).to(device)).logits[0].cpu()
         facts["perplexity"] = perplexity(logits, ids) if facts["input"] == "text" else None
         skip = None if self.reference else "stages.verify.reference=false"

@@ -116,6 +116,21 @@ def bitsandbytes_for_cuda_only(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(bitsandbytes, "supported_torch_devices", {"cuda"}, raising=False)
 
 
+def no_hqq(mp: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import PackageNotFoundError
+
+    from stages.backends import base
+
+    real = base.version
+
+    def version(name: str) -> str:
+        if name == "hqq":
+            raise PackageNotFoundError(name)
+        return real(name)
+
+    mp.setattr(base, "version", version)
+
+
 LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128}
 REMOTE = {"model_type": "x_custom", "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
@@ -130,7 +145,7 @@ CASES = [
     Case("dtype", ["dtype.name=fp8"], COMPOSE, "expected one of [fp16, bf16, fp32, auto]"),
     Case("policy", ["device_map.policy=everywhere"], COMPOSE, "expected one of [auto, balanced, balanced_low_0"),
     Case("unknown-key", ["model.sourec=synthetic"], COMPOSE, "Key 'sourec' not in 'ModelConfig'"),
-    Case("4bit-and-8bit", ["quant.load_in_8bit=true"], COMPOSE, "Key 'load_in_8bit' not in 'QuantConfig'"),
+    Case("4bit-and-8bit", ["quant.load_in_8bit=true"], COMPOSE, "Key 'load_in_8bit' not in 'BnbQuantConfig'"),
     Case(
         "double-quant-int8",
         ["quant=int8", "quant.bnb_4bit_use_double_quant=true"],
@@ -157,6 +172,25 @@ CASES = [
         "quant.llm_int8_enable_fp32_cpu_offload=true",
     ),
     Case("backend-missing", [], "env_check", "quant=nf4 needs bitsandbytes", patch=no_bitsandbytes),
+    Case(
+        "backend-package-missing",
+        ["quant=hqq/b4_g64"],
+        "env_check",
+        "needs the hqq backend's package(s): hqq not installed. Fix: pip install 'hqq>=0.2.8'",
+        patch=no_hqq,
+    ),
+    Case(
+        "backend-scheme-not-here",
+        ["quant=torchao/int4_weight_only"],
+        "env_check",
+        "cannot run here: torchao's Int4WeightOnlyConfig packs int4 weights for CUDA or XPU kernels only",
+    ),
+    Case("backend-unknown", ["quant.backend=gguf"], COMPOSE, "expected one of [none, bnb, torchao, quanto, hqq]"),
+    Case("backend-scheme-unknown", ["quant=torchao/int3"], COMPOSE, "Could not find 'quant/torchao/int3'"),
+    Case(
+        "backend-key-unknown", ["quant=quanto/int4", "quant.nbits=4"], COMPOSE, "Key 'nbits' not in 'QuantoQuantConfig'"
+    ),
+    Case("hqq-nbits", ["quant=hqq/b4_g64", "quant.nbits=5"], CONFIG, "quant.nbits=5: HQQ takes one of 1, 2, 3, 4, 8"),
     Case("backend-device", [], "env_check", "a backend for a device here (cpu)", patch=bitsandbytes_for_cuda_only),
     # security
     Case(
@@ -291,10 +325,17 @@ CASES = [
         breaks=edit_json("config.json", lambda d: d | {"quantization_config": GPTQ}),
     ),
     Case(
+        "prequantized-other-backend",
+        ["quant=hqq/b4_g64"],
+        "config_merge",
+        "already quantized with bitsandbytes (quantization_config.quant_method), and quant=hqq-b4_g64 asks for hqq",
+        base="nf4",
+    ),
+    Case(
         "prequantized-gptq-as-saved",
         ["quant=none"],
         "quantizer",
-        "Loading a GPTQ quantized model requires optimum",
+        "pre-quantized with gptq, which none of our backends",
         breaks=edit_json("config.json", lambda d: d | {"quantization_config": GPTQ}),
     ),
     Case(

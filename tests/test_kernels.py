@@ -6,7 +6,7 @@ import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
 import pytest
 import torch
 
-from stages.stream import kernels
+from stages.backends.bnb import kernels
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 QUANT_TYPES = ["nf4", "fp4"]

@@ -44,7 +44,7 @@ def plan_and_load(cache_dir, tmp_path_factory):
             overrides = [f"cache_dir={cache_dir}", "stages.stream.progress=false", f"quant={quant}", *MODELS[model]]
             # built here, not inside the measured load: writing a checkpoint raises the writer's RSS
             checkpoint.locate(compose(overrides).model, str(cache_dir))
-            out = tmp_path_factory.mktemp(f"{model}-{quant}")
+            out = tmp_path_factory.mktemp(f"{model}-{quant}".replace("/", "-"))
             plan = run_isolated(compose([*overrides, "plan=true"]), out / "plan").record
             load = run_isolated(compose(overrides), out / "load").record
             done[model, quant] = (plan, load)
@@ -71,6 +71,32 @@ def test_planned_peak_is_within_10_percent_of_the_measured_peak(plan_and_load, m
     assert abs(predicted - measured) <= 0.10 * measured, (predicted / 2**20, measured / 2**20)
     # the prediction holds the model on top of the process: not a figure the stages before the load set
     assert predicted >= plan_of(plan)["base_rss_bytes"] + plan["plan"]["footprint_bytes"]
+
+
+# every scheme of the other backends (stages/backends/): the plan asks the backend for sizes and kernels
+BACKEND_QUANTS = [
+    "torchao/int8_weight_only",
+    "torchao/int8_dynamic",
+    "torchao/float8_weight_only",
+    "quanto/int8",
+    "quanto/int4",
+    "quanto/int2",
+    "quanto/float8",
+    "hqq/b4_g64",
+    "hqq/b8_g64",
+    "hqq/b3_g64",
+    "hqq/b2_g16",
+]
+
+
+@pytest.mark.parametrize("quant", BACKEND_QUANTS)
+def test_backend_plan_footprint_equals_and_peak_within_10_percent(plan_and_load, quant):
+    plan, load = plan_and_load("tiny_llama", quant)
+    assert load["status"] == "ok", load.get("error")
+    assert plan["plan"]["footprint_bytes"] == load["footprint_bytes"]
+    measured = max(s["metrics"]["rss_peak_mb"] for s in load["stages"]) * 2**20
+    predicted = plan["plan"]["predicted_peak_bytes"]
+    assert abs(predicted - measured) <= 0.10 * measured, (predicted / 2**20, measured / 2**20)
 
 
 def test_plan_runs_the_stages_up_to_device_map_and_reads_no_weight(load, monkeypatch):

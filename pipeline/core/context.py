@@ -25,6 +25,8 @@ class LoadContext:
     model_config: PretrainedConfig | None = None
     quantization_config: QuantizationConfigMixin | None = None
     pre_quantized: bool = False
+    # the quantization backend (stages/backends/) the request or the checkpoint names; None: unquantized
+    backend: Any = None
     dtype: torch.dtype | None = None
     # quantizer
     quantizer: HfQuantizer | None = None

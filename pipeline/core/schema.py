@@ -34,7 +34,19 @@ class DtypeName(str, Enum):
     auto = "auto"
 
 
+class QuantBackend(str, Enum):
+    """The quantization backends (stages/backends/): the closed set a `quant.backend` may name."""
+
+    none = "none"
+    bnb = "bnb"
+    torchao = "torchao"
+    quanto = "quanto"
+    hqq = "hqq"
+
+
 class QuantMethod(str, Enum):
+    """bitsandbytes' two methods (`none` kept for records written before the backends existed)."""
+
     none = "none"
     bnb_4bit = "bnb_4bit"
     bnb_8bit = "bnb_8bit"
@@ -43,6 +55,31 @@ class QuantMethod(str, Enum):
 class QuantType(str, Enum):
     nf4 = "nf4"
     fp4 = "fp4"
+
+
+class QuantStorage(str, Enum):
+    """The dtype bitsandbytes packs 4-bit weights into (`bnb_4bit_quant_storage`)."""
+
+    uint8 = "uint8"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class TorchaoScheme(str, Enum):
+    """torchao configs by name (each maps to one torchao config class in stages/backends/torchao.py)."""
+
+    int8_weight_only = "int8_weight_only"
+    int8_dynamic_activation_int8_weight = "int8_dynamic_activation_int8_weight"
+    float8_weight_only = "float8_weight_only"
+    int4_weight_only = "int4_weight_only"  # refused on a CPU by env_check: every packing needs CUDA/XPU
+
+
+class QuantoWeights(str, Enum):
+    int8 = "int8"
+    int4 = "int4"
+    int2 = "int2"
+    float8 = "float8"
 
 
 class Policy(str, Enum):
@@ -94,19 +131,35 @@ class ModelConfig:
 
 @dataclass
 class QuantConfig:
-    """A quantization setting; bitsandbytes keys keep the names of transformers' `BitsAndBytesConfig`."""
+    """A quantization setting: `backend` picks the backend (stages/backends/); each backend's own keys live in
+    its subclass below. `quant=none` is this class alone (backend none: every weight in the run's dtype)."""
 
     name: str = MISSING
-    method: QuantMethod = QuantMethod.none
+    backend: QuantBackend = QuantBackend.none
+
+    @property
+    def quantized(self) -> bool:
+        return self.backend != QuantBackend.none
+
+
+@dataclass
+class BnbQuantConfig(QuantConfig):
+    """bitsandbytes; the keys keep the names of transformers' `BitsAndBytesConfig`."""
+
+    backend: QuantBackend = QuantBackend.bnb
+    method: QuantMethod = QuantMethod.bnb_4bit
     bnb_4bit_quant_type: QuantType = QuantType.nf4
     bnb_4bit_use_double_quant: bool = False
     bnb_4bit_compute_dtype: DtypeName = DtypeName.auto
+    bnb_4bit_quant_storage: QuantStorage = QuantStorage.uint8
     llm_int8_threshold: float = 6.0
     llm_int8_has_fp16_weight: bool = False
     llm_int8_skip_modules: list[str] | None = None
     llm_int8_enable_fp32_cpu_offload: bool = False
 
     def __post_init__(self) -> None:
+        if self.method == QuantMethod.none:
+            raise ValueError("quant.method=none under quant.backend=bnb: use quant=none, or bnb_4bit / bnb_8bit")
         if self.method == QuantMethod.bnb_8bit and self.bnb_4bit_use_double_quant:
             raise ValueError(
                 "quant.bnb_4bit_use_double_quant=true contradicts quant.method=bnb_8bit: double quantization is "
@@ -114,6 +167,79 @@ class QuantConfig:
             )
         if self.llm_int8_threshold < 0:
             raise ValueError(f"quant.llm_int8_threshold must be >= 0, got {self.llm_int8_threshold}")
+
+
+@dataclass
+class TorchaoQuantConfig(QuantConfig):
+    """torchao: `config` names the torchao config; `group_size` only for the schemes that take one (int4)."""
+
+    backend: QuantBackend = QuantBackend.torchao
+    config: TorchaoScheme = TorchaoScheme.int8_weight_only
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and self.config != TorchaoScheme.int4_weight_only:
+            raise ValueError(
+                f"quant.group_size={self.group_size}: torchao's {self.config.value} has no group size "
+                "(int8 and float8 are per-channel); drop the key, or use quant.config=int4_weight_only"
+            )
+        if self.group_size is not None and self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"quant.group_size={self.group_size}: torchao int4 takes 32, 64, 128 or 256")
+
+
+@dataclass
+class QuantoQuantConfig(QuantConfig):
+    """optimum-quanto (`QuantoConfig`): weights int8/int4/int2/float8, activations unquantized."""
+
+    backend: QuantBackend = QuantBackend.quanto
+    weights: QuantoWeights = QuantoWeights.int8
+
+
+HQQ_NBITS = (1, 2, 3, 4, 8)
+
+
+@dataclass
+class HqqQuantConfig(QuantConfig):
+    """HQQ (half-quadratic quantization), done by our streamer with hqq's own code: `nbits` per weight, one
+    scale and zero per `group_size` weights along `axis`."""
+
+    backend: QuantBackend = QuantBackend.hqq
+    nbits: int = 4
+    group_size: int = 64
+    axis: int = 1
+
+    def __post_init__(self) -> None:
+        if self.nbits not in HQQ_NBITS:
+            raise ValueError(f"quant.nbits={self.nbits}: HQQ takes one of {', '.join(map(str, HQQ_NBITS))}")
+        if self.group_size < 8 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"quant.group_size={self.group_size}: a power of two from 8 (8, 16, 32, 64, 128, ...)")
+        if self.axis not in (0, 1):
+            raise ValueError(f"quant.axis={self.axis}: 0 or 1")
+
+
+# backend -> its schema: the YAML options name `quant/<backend>/schema` (quant=none: `quant/schema`)
+QUANT_SCHEMAS: dict[QuantBackend, type[QuantConfig]] = {
+    QuantBackend.none: QuantConfig,
+    QuantBackend.bnb: BnbQuantConfig,
+    QuantBackend.torchao: TorchaoQuantConfig,
+    QuantBackend.quanto: QuantoQuantConfig,
+    QuantBackend.hqq: HqqQuantConfig,
+}
+
+
+def quant_schema(node: Any) -> type[QuantConfig]:
+    """The schema of a recorded quant node (a dict), by its `backend` (records before backends: bnb unless
+    method none); an unknown backend names the valid ones."""
+    backend = node.get("backend") if hasattr(node, "get") else None
+    if backend is None:
+        method = node.get("method", "none") if hasattr(node, "get") else "none"
+        return QuantConfig if method in (None, "none") else BnbQuantConfig
+    try:
+        return QUANT_SCHEMAS[QuantBackend(backend)]
+    except ValueError:
+        raise ValueError(
+            f"quant.backend={backend!r}: not a backend; valid: {', '.join(b.value for b in QuantBackend)}"
+        ) from None
 
 
 MEMORY_DEVICES = ("cpu", "disk", "mps")
@@ -257,6 +383,9 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="quant", name="schema", node=QuantConfig)
+    for backend, node in QUANT_SCHEMAS.items():
+        if backend != QuantBackend.none:
+            cs.store(group=f"quant/{backend.value}", name="schema", node=node)
     for group, node in (("model", ModelConfig), ("device_map", DeviceMapConfig), ("dtype", DtypeConfig)):
         cs.store(group=SCHEMA_GROUP, name=group, node=node)
     for kind in STAGE_KINDS:

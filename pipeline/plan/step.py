@@ -63,7 +63,10 @@ class Plan:
         # those modules on the CPU, as a larger budget would place them
         mapped = {m: "cpu" if d == "disk" else d for m, d in ctx.device_map.items()} if over else ctx.device_map
         stream = self.stream.plan(ctx, base, mapped)
-        module_sizes, leaf_sizes = compute_module_sizes(model, quantizer)
+        # the backend's sizes: what get_memory_footprint will count once loaded (stages/backends/)
+        module_sizes, leaf_sizes = (
+            ctx.backend.module_sizes(model, quantizer) if ctx.backend is not None else compute_module_sizes(model, None)
+        )
         load = stream.load
         per_device: Counter = Counter(load.quant_state)
         for leaf, size in leaf_sizes.items():  # buffers too (rotary tables): they are in no checkpoint

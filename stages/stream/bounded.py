@@ -3,10 +3,10 @@
 Memory stays near the quantized model plus a tensor or two: tensors are read with `pread` (reader.py)
 instead of through a memory map, so no page of a shard stays resident in the process once its tensor is
 quantized; at most `prefetch` tensors wait in memory, read ahead on a thread while the current one is
-quantized. Quantizing uses our byte-identical CPU kernels or transformers' own ops (quantize.py);
-deserializing a pre-quantized checkpoint uses transformers' ops (prequantized.py); so the weights are the
-ones `from_pretrained` produces. Pickle shards (`model.allow_pickle=true`) are memory-mapped instead, and
-may stay resident up to a shard's size while it is read (reader.py).
+quantized. Quantizing asks the backend (stages/backends/): transformers' own quantize op, or a fast kernel
+of the backend's where it has one; a pre-quantized checkpoint is read by the backend's own reader; so the
+weights are the ones `from_pretrained` produces. Pickle shards (`model.allow_pickle=true`) are memory-mapped
+instead, and may stay resident up to a shard's size while it is read (reader.py).
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from pipeline.core.schema import BoundedStreamConfig
 from stages.stream.base import StreamStage
 from stages.stream.convert import Conversions
 from stages.stream.memory import return_freed_memory
-from stages.stream.prequantized import PrequantizedGroups
-from stages.stream.quantize import quantize, stored_transposed
 from stages.stream.reader import read_tensors
 
 
@@ -59,11 +57,18 @@ class BoundedStreamer(StreamStage):
             error_msgs=[],
             skipped_pp_keys=set(),
         )
+        ctx.loading_info = info  # a backend's quantize op marks what it placed itself
         # the model's own key mapping, without the quantizer's deserialize converters (those are ours to do)
         mapping = get_model_conversion_mapping(model, None, None)
         renamings = [w for w in mapping if isinstance(w, WeightRenaming)]
         converters = [w for w in mapping if isinstance(w, WeightConverter)]
-        groups = PrequantizedGroups(ctx) if ctx.pre_quantized else None
+        if ctx.pre_quantized and ctx.backend is None:
+            method = getattr(ctx.quantization_config, "quant_method", None)
+            raise CheckpointError(
+                f"{ctx.checkpoint.path}: a checkpoint pre-quantized with {getattr(method, 'value', method)}, which "
+                "none of our backends reads: use stages/stream=transformers"
+            )
+        groups = ctx.backend.prequantized_groups(ctx) if ctx.pre_quantized else None
         prefix = model.base_model_prefix
         conversions = Conversions(ctx.checkpoint.tensor_names, renamings, converters, prefix, expected)
         offload_index: dict = {}
@@ -124,19 +129,26 @@ class BoundedStreamer(StreamStage):
         }
 
     def _check_and_place(self, ctx: LoadContext, shard, key: str, target: str, tensor, empty, place) -> None:
-        _check_shape(shard, key, tensor, empty, transposed=stored_transposed(ctx.model, ctx.quantizer, target))
-        place(target, self._convert(ctx, target, tensor, empty))
+        backend = ctx.backend
+        transposed = backend is not None and backend.stored_transposed(ctx.model, ctx.quantizer, target)
+        _check_shape(shard, key, tensor, empty, transposed=transposed)
+        for name, value in self._convert(ctx, target, tensor, empty).items():
+            place(name, value)
 
-    def _convert(self, ctx: LoadContext, name: str, tensor: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-        """Cast, place and (when the quantizer says so) quantize one tensor, as transformers' loader does."""
+    def _convert(
+        self, ctx: LoadContext, name: str, tensor: torch.Tensor, empty: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Cast, place and (when the quantizer says so) quantize one tensor, as transformers' loader does: the
+        tensors to place (none when the backend's op placed them itself)."""
         quantizer, model = ctx.quantizer, ctx.model
         device = get_device(ctx.load_config.device_map, name, valid_torch_device=True)
         if quantizer is not None and not quantizer.pre_quantized and quantizer.param_needs_quantization(model, name):
-            return quantize(model, quantizer, name, tensor.to(device=device, dtype=ctx.dtype), self.kernel)
+            value = tensor.to(device=device, dtype=ctx.dtype)
+            return ctx.backend.quantize(model, quantizer, name, value, self.kernel, ctx.loading_info.missing_keys)
         dtype = _planned_dtype(ctx.load_config.dtype_plan, name) or (
             empty.dtype if empty.dtype.is_floating_point and tensor.dtype.is_floating_point else None
         )
-        return tensor.to(device=device, dtype=dtype)
+        return {name: tensor.to(device=device, dtype=dtype)}
 
 
 def _check_shape(shard, key: str, tensor: torch.Tensor, empty: torch.Tensor, transposed: bool = False) -> None:

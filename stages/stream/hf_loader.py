@@ -16,14 +16,13 @@ from typing import Any
 from pipeline.core import progress
 from pipeline.core.context import LoadContext
 from stages.stream.base import StreamStage
-from stages.stream.prequantized import is_bnb, stored_state
 
 
 class TransformersStreamer(StreamStage):
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         model = ctx.require("model", self.kind)
-        if ctx.pre_quantized and is_bnb(ctx.quantizer):
-            stored_state(ctx)  # every quantized layer's state is in the checkpoint, checked before reading
+        if ctx.pre_quantized and ctx.backend is not None:
+            ctx.backend.check_prequantized(ctx)
         ctx.load_config = self.load_config(ctx)
         if not (self.cfg.progress and progress.enabled()):
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

@@ -26,7 +26,7 @@ from pipeline.core.context import LoadContext
 from pipeline.core.dtypes import SAFETENSORS
 from pipeline.core.placement import device_of
 from pipeline.core.sizes import parse_size
-from stages.stream.probe import KernelCost, probe
+from stages.stream.probe import KernelCost
 
 
 @dataclass
@@ -82,20 +82,6 @@ def read_order(ctx: LoadContext) -> list[Read]:
     return [Read(k, math.prod(s), itemsize, dtype) for shard in shards for k, s in sorted(shard)]
 
 
-def quant_state_bytes(param: Any, numel: int) -> int:
-    """Bytes of quantization state a quantized weight keeps beside its data, which get_memory_footprint
-    does not count: absmax per block (4-bit; 8-bit absmax plus a second-level state when double-quantized),
-    the 16-entry code, or int8's per-row scale."""
-    if hasattr(param, "blocksize") and hasattr(param, "compress_statistics"):
-        blocks = -(-numel // param.blocksize)
-        if param.compress_statistics:
-            return blocks + 4 * -(-blocks // 256) + 4 + 64
-        return 4 * blocks + 64
-    if type(param).__name__ == "Int8Params":
-        return 4 * param.shape[0]
-    return 0
-
-
 def simulate(
     ctx: LoadContext,
     reads: list[Read],
@@ -106,7 +92,7 @@ def simulate(
 ) -> Simulation:
     """Simulate the bounded streamer over `reads`; `base` is the process RSS before the stream, `kernels` the
     measured cost of each fast CPU kernel ('4bit', 'int8') the load uses, `device_map` ctx's unless given."""
-    model, quantizer, dtype = ctx.model, ctx.quantizer, ctx.dtype
+    model, quantizer, dtype, backend = ctx.model, ctx.quantizer, ctx.dtype, ctx.backend
     device_map = ctx.device_map if device_map is None else device_map
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     mapping = get_model_conversion_mapping(model, None, None)
@@ -147,18 +133,15 @@ def simulate(
             del held[target]
         device = str(device_of(device_map, target.rpartition(".")[0]))
         on_host = device == "cpu"
-        quantized = (
-            quantizer is not None and not quantizer.pre_quantized and quantizer.param_needs_quantization(model, target)
-        )
+        quantized = quantizer is not None and backend.quantizes(model, quantizer, target)
         compiling = 0
         if quantized:
-            stored = int(r.numel * quantizer.param_element_size(model, target, param))
-            state = quant_state_bytes(param, r.numel)
-            kind = "int8" if type(param).__name__ == "Int8Params" else "4bit"
+            stored = backend.stored_bytes(model, quantizer, target, param, r.numel)
+            state = backend.quant_state_bytes(param, r.numel)
+            kind = backend.kernel_kind(param)
             # cast to the compute dtype and moved to the device first: a copy unless both already match
             convert = stored + state + (r.numel * compute_itemsize if r.dtype != dtype or not on_host else 0)
-            if getattr(param, "compress_statistics", False):  # float32 absmax, then absmax - offset, then shrunk
-                convert += 2 * 4 * -(-r.numel // param.blocksize)
+            convert += backend.transient_bytes(param, r.numel)
             if on_host and kind in kernels:
                 convert += kernels[kind].working_set(r.numel)
                 # the first call compiles the kernel: its cost replaces the working set, once
@@ -199,19 +182,11 @@ def simulate(
 
 
 def probe_kernels(ctx: LoadContext, device_map: dict[str, Any], kernel: str) -> dict[str, KernelCost]:
-    """Measure the fast CPU kernel the load will run, if it runs one: a CPU-placed weight to quantize and
-    `kernel` auto or fast."""
-    if ctx.quantizer is None or ctx.quantizer.pre_quantized or kernel == "quantizer":
+    """The backend's measure of the fast CPU kernels the load will run, if it runs one."""
+    if ctx.backend is None or ctx.quantizer is None:
         return {}
-    for name, param in ctx.model.named_parameters():
-        on_cpu = str(device_of(device_map, name.rpartition(".")[0])) == "cpu"
-        if not on_cpu or not ctx.quantizer.param_needs_quantization(ctx.model, name):
-            continue
-        with progress.step("Plan: measuring the CPU kernel's memory on a probe tensor"):
-            if hasattr(param, "blocksize"):
-                return {"4bit": probe("4bit", ctx.dtype, param.blocksize, param.quant_type)}
-            return {"int8": probe("int8", ctx.dtype)}
-    return {}
+    with progress.step("Plan: measuring the CPU kernel's memory on a probe tensor"):
+        return ctx.backend.probe_kernels(ctx, device_map, kernel)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What the bounded streamer's CPU kernels cost in memory beyond their inputs and outputs, measured here.
 
-The fast kernels (stages/stream/kernels.py) are compiled by torch.compile on their first call: that call
+A backend's fast kernels (stages/backends/) are compiled by torch.compile on their first call: that call
 raises RSS by tens of MB while inductor runs, and leaves part of it resident (compiled code, imports). Later
 calls hold a working set of their own (a float32 staging buffer and inductor's temporaries per chunk),
 independent of the tensor's size past a few chunks. Neither follows from the tensor sizes, and on a small
@@ -55,23 +55,17 @@ def _nbytes(out: Any) -> int:
     return sum(t.numel() * t.element_size() for t in out if isinstance(t, torch.Tensor))
 
 
-def probe(kind: str, dtype: torch.dtype, blocksize: int = 64, quant_type: str = "nf4") -> KernelCost:
-    """Measure the fast CPU kernel for `kind` ('4bit' or 'int8') on a random probe tensor of `dtype`."""
-    from stages.stream import kernels
-
-    def call() -> Any:
-        if kind == "int8":
-            return kernels.int8_vectorwise_quant(x.to(torch.float16))
-        return kernels.quantize_4bit(x, blocksize, quant_type)
-
+def probe(call: Callable[[torch.Tensor], Any], dtype: torch.dtype, cast_bytes_per_element: int = 0) -> KernelCost:
+    """Measure a backend's fast CPU kernel `call` on a random probe tensor of `dtype`; `cast_bytes_per_element`:
+    the copy the kernel's caller makes first (e.g. to fp16), not the kernel's own."""
     x = torch.randn(PROBE_SHAPE, dtype=torch.float32).to(dtype)
-    cast = x.numel() * 2 if kind == "int8" and dtype != torch.float16 else 0
-    start, peak, out = _peak_during(call)
+    cast = x.numel() * cast_bytes_per_element
+    start, peak, out = _peak_during(lambda: call(x))
     outputs = _nbytes(out)
     first = peak - start - outputs - cast
     del out
     resident = _rss() - start
-    start, peak, out = _peak_during(call)
+    start, peak, out = _peak_during(lambda: call(x))
     working = peak - start - _nbytes(out) - cast
     del out
     return KernelCost(max(first, 0), max(resident, 0), max(working, 0), x.numel())

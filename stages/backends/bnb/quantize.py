@@ -16,7 +16,7 @@ from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwis
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from stages.stream import kernels
+from stages.backends.bnb import kernels
 
 
 def quantize(model, quantizer, name: str, value: torch.Tensor, kernel: str) -> torch.Tensor:

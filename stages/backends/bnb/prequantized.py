@@ -73,12 +73,6 @@ class PrequantizedGroups:
     rebuilds the quantized parameter with the quantizer's deserialize op."""
 
     def __init__(self, ctx: LoadContext) -> None:
-        if not is_bnb(ctx.quantizer):
-            method = ctx.quantization_config.quant_method
-            raise CheckpointError(
-                f"{ctx.checkpoint.path}: a checkpoint pre-quantized with {getattr(method, 'value', method)}; the "
-                "bounded streamer reads bitsandbytes checkpoints only: use stages/stream=transformers"
-            )
         self.ctx, self.suffixes = ctx, _suffixes(ctx.quantizer)
         # a module is quantized in the checkpoint only if some companion beside its weight is stored
         self.expected = {m: s for m, s in stored_state(ctx).items() if s - {"weight"}}
