@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from pipeline import compose
 from pipeline.core.schema import STAGE_KINDS
 from stages import backends
-from tests.test_architectures import logits, save
+from tests.families import logits, save
 
 # quant option -> what transformers gets for it (built by the backend, so the test checks the streamer, not
 # the config translation, which test_backend_configs checks)

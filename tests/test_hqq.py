@@ -12,7 +12,7 @@ import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from transformers import AutoModelForCausalLM
 
-from tests.test_architectures import logits, save
+from tests.families import logits, save
 
 SCHEMES = {"hqq/b4_g64": (4, 64), "hqq/b8_g64": (8, 64), "hqq/b3_g64": (3, 64), "hqq/b2_g16": (2, 16)}
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline import helptext
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # what a third-party warning looks like once it reaches our output (Hydra's log format, torch's, Python's)
 WARNING = re.compile(r"\]\[WARNING\]|^W\d{4} |Warning:|UserWarning|FutureWarning|DeprecationWarning", re.M)

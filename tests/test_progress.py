@@ -160,7 +160,7 @@ def test_a_pseudo_terminal_shows_the_build_as_a_bar(tmp_path):
     import sys
     import termios
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     code = (
         "from pipeline.core import progress; progress.QUIET_S = 0.0\n"
