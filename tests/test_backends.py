@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import compose
-from pipeline.core.schema import STAGE_KINDS
 from stages import backends
 from tests.families import logits, save
+from tests.helpers import entry
 
 # quant option -> what transformers gets for it (built by the backend, so the test checks the streamer, not
 # the config translation, which test_backend_configs checks)
@@ -50,7 +50,7 @@ def test_backend_load_equals_from_pretrained(load, checkpoint, quant):
     model_type, path = checkpoint
     ours, record, _ = load(f"model.path={path}", f"quant={quant}", "dtype=fp16")
     assert record["status"] == "ok"
-    stream = record["stages"][STAGE_KINDS.index("stream")]
+    stream = entry(record, "stream")
     assert stream["target"].endswith("BoundedStreamer")
     ref = reference(path, quant)
     a, b = logits(ours), logits(ref)
@@ -60,7 +60,7 @@ def test_backend_load_equals_from_pretrained(load, checkpoint, quant):
     quantized = [n for n, p in ours.named_parameters() if type(p.data).__module__.startswith(("torchao", "optimum"))]
     quantized += [n for n, m in ours.named_modules() if type(m).__module__.startswith("optimum.quanto")]
     assert quantized, f"{quant}: nothing was quantized"
-    facts = record["stages"][STAGE_KINDS.index("preprocess")]["facts"]
+    facts = entry(record, "preprocess")["facts"]
     assert "note" not in facts  # the backend found the layers it quantizes
 
 
@@ -78,7 +78,7 @@ def test_torchao_checkpoint_saved_by_save_pretrained_loads_as_saved(load, tmp_pa
     saved = tmp_path / "saved"
     ours.save_pretrained(saved)
     reloaded, record, _ = load(f"model.path={saved}", "quant=none", "stages/stream=transformers")
-    assert record["stages"][STAGE_KINDS.index("config_merge")]["facts"]["backend"] == "torchao"
+    assert entry(record, "config_merge")["facts"]["backend"] == "torchao"
     reference = AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
     assert (logits(reloaded) - logits(reference)).abs().max().item() == 0
     assert (logits(reloaded) - logits(ours)).abs().max().item() == 0
