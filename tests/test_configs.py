@@ -7,15 +7,23 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import compose
-from pipeline.core.schema import STAGE_KINDS, DeviceMapConfig, DtypeConfig, ModelConfig, QuantConfig
+from pipeline.core.schema import QUANT_SCHEMAS, STAGE_KINDS, DeviceMapConfig, DtypeConfig, ModelConfig
 from pipeline.runner import build_stage
 from stages import registry
 from tests.helpers import REPO
 
 CONF = REPO / "conf"
 GROUPS = ["model", "quant", "device_map", "dtype"] + [f"stages/{k}" for k in STAGE_KINDS]
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
-SCHEMAS = {"model": ModelConfig, "quant": QuantConfig, "device_map": DeviceMapConfig, "dtype": DtypeConfig}
+# every option file, those in a group's sub-folders too (quant/bnb/nf4), schemas aside
+OPTIONS = [
+    (g, p.relative_to(CONF / g).with_suffix("").as_posix())
+    for g in GROUPS
+    for p in sorted((CONF / g).rglob("*.yaml"))
+    if p.stem != "schema"
+]
+SCHEMAS = {"model": ModelConfig, "device_map": DeviceMapConfig, "dtype": DtypeConfig} | {
+    "quant": lambda node: QUANT_SCHEMAS[node.backend]  # each backend's own schema
+}
 
 
 def test_every_stage_kind_has_a_config_group_and_a_module():
@@ -25,12 +33,21 @@ def test_every_stage_kind_has_a_config_group_and_a_module():
 
 
 def yaml_values(group: str, option: str) -> dict:
-    """What an option's file sets, over the sibling it builds on (`defaults: [nf4, _self_]`): read from the
-    YAML itself, not through Hydra, so that composing has something independent to be compared with."""
+    """What an option's file sets, over the option it builds on (`defaults: [nf4, _self_]`, or an absolute
+    `/quant/bnb/nf4@_here_`): read from the YAML itself, not through Hydra, so that composing has something
+    independent to be compared with. Schemas in `defaults:` set no values and are passed over."""
     data = OmegaConf.load(CONF / group / f"{option}.yaml")
-    siblings = [d for d in data.get("defaults", []) if d != "_self_" and not d.endswith("schema")]
+    bases = []
+    for d in data.get("defaults", []):
+        name = str(d).split("@")[0]
+        if name == "_self_" or name.rsplit("/", 1)[-1] == "schema" or name.startswith("/_schemas_/"):
+            continue
+        if name.startswith("/"):  # absolute: /<group>/<option>
+            bases.append((group, name.removeprefix(f"/{group}/")))
+        else:  # relative: a sibling in the same folder
+            bases.append((group, "/".join([*option.split("/")[:-1], name])))
     own = OmegaConf.masked_copy(data, [k for k in data if k != "defaults"])
-    merged = OmegaConf.merge(*(yaml_values(group, s) for s in siblings), own)
+    merged = OmegaConf.merge(*(yaml_values(g, o) for g, o in bases), own)
     return OmegaConf.to_container(merged, resolve=True)
 
 
@@ -59,9 +76,11 @@ def test_option_composes_to_its_schema_and_its_values(group, option):
         assert type(stage) is registry.load(kind, target) and stage.kind == kind
     else:
         node, raw = getattr(typed, group), cfg[group]
-        assert type(node) is SCHEMAS[group]
+        schema = SCHEMAS[group]
+        assert type(node) is (schema if isinstance(schema, type) else schema(node))
         named = {"device_map": lambda n: n.policy.value, "dtype": lambda n: n.name.value}.get(group, lambda n: n.name)
-        assert named(node) == option
+        # a backend's scheme is named bnb/nf4 -> nf4 (the short names' own) or hqq/b4_g64 -> hqq-b4_g64
+        assert named(node) in (option, option.rsplit("/", 1)[-1], option.replace("/", "-"))
     assert_sets(expected, OmegaConf.to_container(raw, resolve=True, enum_to_str=True), group)
 
 
