@@ -128,7 +128,7 @@ def test_one_run_folder_stamp_for_the_cli_the_api_and_replay():
     """hydra.run.dir (and the sweep dir) stamp with the formats record.run_folder uses for load() and replay."""
     hydra = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"), resolve=False)["hydra"]
     stamp = f"${{now:{records.DATE_FORMAT}}}/${{now:{records.TIME_FORMAT}}}"
-    assert hydra["run"]["dir"] == f"runs/{stamp}_${{model.name}}_${{quant.name}}"
+    assert hydra["run"]["dir"] == f"runs/{stamp}_${{qload_model:${{model.path}},${{model.name}}}}_${{quant.name}}"
     assert hydra["sweep"]["dir"] == f"runs/multirun/{stamp}"
     replayed = default_out(compose(["quant=fp4"]))
     assert re.fullmatch(r"runs/replay/\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}-\d{6}_tiny_llama_fp4", str(replayed))

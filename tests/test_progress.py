@@ -128,7 +128,7 @@ def test_synthetic_build_prints_lines_in_a_log(tmp_path, monkeypatch):
 def test_first_compile_of_a_kernel_says_so_once(monkeypatch):
     import torch
 
-    from stages.stream import kernels
+    from stages.backends.bnb import kernels
 
     monkeypatch.setattr(kernels, "_compiled_once", set())
     out = io.StringIO()
