@@ -9,17 +9,9 @@ import pytest
 from pipeline.__main__ import job_line
 from pipeline.checkpoints import synthetic
 from pipeline.core import progress
+from tests import helpers
 
-ARCH = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 128,
-}
+ARCH = {**helpers.ARCH, "max_position_embeddings": 128}
 SYN = {"seed": 0, "dtype": "fp16", "shard_size": "40KB", "init_std": 0.02}
 
 

@@ -151,11 +151,7 @@ class Backend:
 
     def check_loaded_map(self, ctx: Any, device_map: dict[str, Any], quantized: list[str], top: list[str]) -> None:
         """The map accelerate computed, checked once the skeleton is quantized."""
-        holding = [
-            k
-            for k, d in device_map.items()
-            if d == "disk" and any(not k or q == k or q.startswith(k + ".") for q in quantized)
-        ]
+        holding = quantized_on_disk(device_map, quantized)
         if holding:
             raise ValueError(
                 f"the device map sends quantized modules ({compact_names(holding)}) to disk, where {self.name}'s "
@@ -187,3 +183,12 @@ class Backend:
 
     def finish(self, ctx: Any) -> None:
         """Anything the backend does after the stream (postprocess)."""
+
+
+def quantized_on_disk(device_map: dict[str, Any], quantized: list[str]) -> list[str]:
+    """The map's entries that send a quantized module (or a module holding one) to disk."""
+    return [
+        k
+        for k, d in device_map.items()
+        if d == "disk" and any(not k or q == k or q.startswith(k + ".") for q in quantized)
+    ]

@@ -12,7 +12,7 @@ import torch
 from pipeline.core.dtypes import torch_dtype
 from pipeline.core.placement import OFFLOAD_DEVICES, as_override, compact_names, device_of
 from pipeline.core.schema import BnbQuantConfig, DtypeName, QuantMethod
-from stages.backends.base import Backend, BackendUnavailable
+from stages.backends.base import Backend, BackendUnavailable, quantized_on_disk
 
 STORAGE = {"uint8": torch.uint8, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -140,11 +140,7 @@ class BnbBackend(Backend):
         """A policy map (auto, balanced, ...) is computed after the skeleton is quantized, so under it the
         offloaded modules are still quantized placeholders: a quantized weight written to disk comes back
         unusable, so that case is refused."""
-        holding = [
-            k
-            for k, d in device_map.items()
-            if d == "disk" and any(not k or q == k or q.startswith(k + ".") for q in quantized)
-        ]
+        holding = quantized_on_disk(device_map, quantized)
         if holding:
             raise ValueError(
                 f"the device map sends quantized modules ({compact_names(holding)}) to disk, where bitsandbytes' "
