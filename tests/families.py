@@ -6,13 +6,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-_BASE = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
+from tests.helpers import ARCH
+
+# the tests' tiny Llama shape (helpers.ARCH) without its model_type, plus what every family's config needs
+_BASE = {k: v for k, v in ARCH.items() if k != "model_type"} | {
     "max_position_embeddings": 128,
     "bos_token_id": 1,
     "eos_token_id": 2,
@@ -100,3 +97,15 @@ def logits(model) -> torch.Tensor:
     ids = torch.arange(3, 15).unsqueeze(0) % model.config.vocab_size
     with torch.no_grad():
         return model(ids).logits
+
+
+# the schemes transformers itself quantizes on a CPU besides bitsandbytes' (HQQ it cannot: tests/test_hqq.py)
+TORCHAO_QUANTO_SCHEMES = [
+    "torchao/int8_weight_only",
+    "torchao/int8_dynamic",
+    "torchao/float8_weight_only",
+    "quanto/int8",
+    "quanto/int4",
+    "quanto/int2",
+    "quanto/float8",
+]

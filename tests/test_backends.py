@@ -14,20 +14,12 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import compose
 from stages import backends
-from tests.families import logits, save
+from tests.families import TORCHAO_QUANTO_SCHEMES, logits, save
 from tests.helpers import entry
 
 # quant option -> what transformers gets for it (built by the backend, so the test checks the streamer, not
 # the config translation, which test_backend_configs checks)
-SCHEMES = [
-    "torchao/int8_weight_only",
-    "torchao/int8_dynamic",
-    "torchao/float8_weight_only",
-    "quanto/int8",
-    "quanto/int4",
-    "quanto/int2",
-    "quanto/float8",
-]
+SCHEMES = TORCHAO_QUANTO_SCHEMES
 FAMILIES = ["llama", "qwen2"]
 
 

@@ -17,6 +17,7 @@ from pipeline.isolate import run_isolated
 from pipeline.plan.describe import gib
 from pipeline.plan.step import PLAN_KINDS
 from pipeline.runner import StageError
+from tests.families import TORCHAO_QUANTO_SCHEMES
 from tests.helpers import run_cli
 
 QUANTS = ["none", "nf4", "nf4_double", "fp4", "fp4_double", "int8"]
@@ -75,13 +76,7 @@ def test_planned_peak_is_within_10_percent_of_the_measured_peak(plan_and_load, m
 
 # every scheme of the other backends (stages/backends/): the plan asks the backend for sizes and kernels
 BACKEND_QUANTS = [
-    "torchao/int8_weight_only",
-    "torchao/int8_dynamic",
-    "torchao/float8_weight_only",
-    "quanto/int8",
-    "quanto/int4",
-    "quanto/int2",
-    "quanto/float8",
+    *TORCHAO_QUANTO_SCHEMES,
     "hqq/b4_g64",
     "hqq/b8_g64",
     "hqq/b3_g64",
