@@ -9,6 +9,7 @@ peak the sampler may have missed between two samples, and that figure wins.
 from __future__ import annotations
 
 import resource
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import psutil
-import torch
 
 SAMPLE_S = 0.005
 
@@ -87,14 +87,21 @@ def peak_rss(interval: float = SAMPLE_S) -> Iterator[PeakRss]:
             result.peak = max(result.peak, maxrss_after)
 
 
+def _cuda():
+    """torch.cuda when torch is imported and sees a GPU, else None. Never imports torch itself: a run's setup
+    imports it, measured (a process that has not imported torch yet has used no GPU memory to count)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_available() else None
+
+
 @contextmanager
 def track() -> Iterator[Metrics]:
     """Measure the enclosed block; the yielded Metrics is filled in when the block ends (also on error)."""
     m = Metrics()
-    cuda = torch.cuda.is_available()
+    cuda = _cuda()
     if cuda:
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(i)
+        for i in range(cuda.device_count()):
+            cuda.reset_peak_memory_stats(i)
     try:
         with peak_rss() as rss:
             m.rss_start_mb = _mb(rss.start)
@@ -107,7 +114,8 @@ def track() -> Iterator[Metrics]:
     finally:
         m.rss_peak_mb = _mb(rss.peak)
         m.rss_end_mb = _mb(psutil.Process().memory_info().rss)
+        cuda = cuda or _cuda()  # a block that imported torch: its peaks since then are the block's
         if cuda:
-            for i in range(torch.cuda.device_count()):
-                m.cuda_max_allocated_mb[str(i)] = _mb(torch.cuda.max_memory_allocated(i))
-                m.cuda_max_reserved_mb[str(i)] = _mb(torch.cuda.max_memory_reserved(i))
+            for i in range(cuda.device_count()):
+                m.cuda_max_allocated_mb[str(i)] = _mb(cuda.max_memory_allocated(i))
+                m.cuda_max_reserved_mb[str(i)] = _mb(cuda.max_memory_reserved(i))
