@@ -2,21 +2,25 @@
 
 Peak RSS only grows inside a process: a second load in the same process would report the first one's peak
 (and the allocator's leftovers) as its own. So every load runs in a child process, and the caller (the
-Hydra job) only waits for it and reads the record it wrote.
+Hydra job) only waits for it and reads the record it wrote; if the load is killed outright (the OOM
+killer), the caller writes its record from the stages it finished.
 
-A `spawn` child alone is not enough. Linux carries the high-water mark of the memory a process ran in
-across exec, and Python spawns with vfork, where that memory is the parent's own: a spawned child's
-`ru_maxrss` starts at its parent's peak (measured: 1.5 GB parent, 1.5 GB child at its first line), which
-hides any smaller peak of its own. (With a plain fork, the mark would start at the parent's RSS at the
-time of the fork instead.) So the load runs two hops away: a go-between is spawned (it inherits the
-caller's mark, but what it runs in is a bare interpreter), and it spawns the load, which inherits only the
-go-between's small mark. The load records what its counter said when it began, as
-`process.ru_maxrss_at_start_mb` in `run.json` (about 30 MB).
+A `spawn` child's counter does not start at zero. Linux carries the high-water mark of the memory a process
+ran in across exec, and Python spawns with vfork, where that memory is the parent's own: a spawned child's
+`ru_maxrss` starts at its parent's peak (measured: 1.5 GB parent, 1.5 GB child at its first line). That
+start is harmless while it is below anything the load reaches: the load's setup imports torch, which alone
+takes a process past 200 MB, and from there the counter is the load's own. So a small caller (the CLI's
+Hydra process, ~50 MB) spawns the load directly, and a caller whose peak is at or above `DIRECT_BELOW_MB`
+(a notebook that loaded a model, a test process) spawns a go-between first: it inherits the caller's mark,
+but what it runs in is a bare interpreter, and the load it spawns inherits only the go-between's small mark.
+Either way the load records what its counter said when it began, as `process.ru_maxrss_at_start_mb` in
+`run.json`, and how it was started (`process.start`).
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import multiprocessing
 import os
@@ -40,6 +44,9 @@ EXIT_RECORD_FAILED = 4  # a run record could not be written (disk full, out of m
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 _SPAWN = multiprocessing.get_context("spawn")
+# a caller whose peak RSS is below this spawns the load directly (see above): well under the ~220 MB that
+# importing torch alone takes a process to, and well over the CLI's own ~50 MB
+DIRECT_BELOW_MB = 150.0
 
 
 def _maxrss_mb() -> float:
@@ -95,8 +102,13 @@ def run_isolated(
     schema.name_model(cfg)  # a crash record too names the checkpoint loaded by path
     path = out_dir / "run.json"
     stale = _identity(path)  # a folder used before: its old record must not pass for this run's
-    payload = pickle.dumps((cfg, out_dir, job_logging, os.getpid(), extra or {}, verbose))
-    hop = _SPAWN.Process(target=_go_between, args=(payload,), name="qload-go-between")
+    direct = _maxrss_mb() < DIRECT_BELOW_MB
+    start = "spawn" if direct else "spawn, via a spawned go-between"
+    payload = pickle.dumps((cfg, out_dir, job_logging, os.getpid(), extra or {}, verbose, start))
+    if direct:
+        hop = _SPAWN.Process(target=_load, args=(payload,), name="qload-load")
+    else:
+        hop = _SPAWN.Process(target=_go_between, args=(payload,), name="qload-go-between")
     hop.start()
     interrupted = False
     try:
@@ -174,7 +186,7 @@ def _go_between(payload: bytes) -> None:
 def _load(payload: bytes) -> None:
     """The load itself: the runner loads, generates if asked, and writes run.json with this process's facts."""
     at_start = _maxrss_mb()
-    cfg, out_dir, job_logging, launcher_pid, extra, verbose = pickle.loads(payload)
+    cfg, out_dir, job_logging, launcher_pid, extra, verbose, start = pickle.loads(payload)
     if job_logging:
         import logging.config
 
@@ -182,18 +194,15 @@ def _load(payload: bytes) -> None:
     from pipeline.core import noise
 
     noise.quiet()  # before torch, transformers and bitsandbytes are imported: they warn as they load
-    from pipeline.runner import GenerationError, StageError, run  # torch loads here, the rest in setup
+    from pipeline.runner import GenerationError, StageError, run  # torch and the rest load in its setup
 
-    process = {
-        "pid": os.getpid(),
-        "go_between_pid": os.getppid(),
-        "launcher_pid": launcher_pid,
-        "start": "spawn, via a spawned go-between",
-        "ru_maxrss_at_start_mb": at_start,
-    }
+    process = {"pid": os.getpid(), "launcher_pid": launcher_pid, "start": start, "ru_maxrss_at_start_mb": at_start}
+    if os.getppid() != launcher_pid:
+        process["go_between_pid"] = os.getppid()
     status = EXIT_OK
+    fresh = multiprocessing.parent_process() is not None  # a process of its own, unless a test runs this in its own
     try:
-        run(cfg, out_dir, verbose=verbose, extra={"process": process, **extra})
+        run(cfg, out_dir, verbose=verbose, extra={"process": process, **extra}, fresh_process=fresh)
     except StageError:
         status = EXIT_LOAD_FAILED
     except GenerationError:
@@ -205,6 +214,8 @@ def _load(payload: bytes) -> None:
             print(f"error: {err}", file=sys.stderr)
         status = EXIT_RECORD_FAILED
     sys.stdout.flush()
+    if fresh:
+        gc.freeze()  # the interpreter's exit then skips a collection over the whole model and its libraries
     sys.exit(status)
 
 

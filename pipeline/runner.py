@@ -8,13 +8,14 @@ import copy
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import guard
+from pipeline import guard, startup
 from pipeline.core import cachelock, progress, record, schema
 from pipeline.core.context import LoadContext
 from pipeline.core.measure import ru_maxrss_bytes, track
@@ -42,15 +43,20 @@ def build_stage(kind: str, node: DictConfig) -> Stage:
     return registry.load(kind, target)(config)
 
 
-def run(cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | None = None) -> tuple[Any, dict]:
+def run(
+    cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | None = None, fresh_process: bool = False
+) -> tuple[Any, dict]:
     """Load the model `cfg` describes (with plan=true: plan it, returning no model), then generate from
     `cfg.prompt` if set; write `stages.jsonl` and `run.json` (with `extra` merged in) into `out_dir`; with
-    `verbose`, print the stage table (and the plan, the generation) as the CLI does. Raises StageError when a
-    stage fails, GenerationError when the generation does, KeyboardInterrupt when interrupted, and
-    record.RecordError when a record cannot be written (the run stops at the first stage it cannot record).
+    `verbose`, print the stage table (and the plan, the generation) as the CLI does. `fresh_process`: this
+    process exists for this load alone, so setup may change the interpreter to start faster
+    (`pipeline/startup.py`); never in a caller's own process. Raises StageError when a stage fails,
+    GenerationError when the generation does, KeyboardInterrupt when interrupted, and record.RecordError when
+    a record cannot be written (the run stops at the first stage it cannot record).
 
-    Every second of the measured total is in an entry: `setup` (checking the config, building the stages)
-    and one per stage. The generation comes after the load, outside the total, with its own `wall_s`."""
+    Every second of the measured total is in an entry: `setup` (importing torch and the libraries, checking
+    the config, building the stages) and one per stage. The generation comes after the load, outside the
+    total, with its own `wall_s`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
     schema.name_model(cfg)  # with model.path, the record names the checkpoint, not the model YAML
@@ -63,7 +69,7 @@ def run(cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | Non
     with track() as total:
         try:
             record.start_jsonl(journal)
-            run_step(SETUP, "pipeline.runner.setup", lambda: built.update(setup(cfg, plan)), rec, journal)
+            run_step(SETUP, "pipeline.runner.setup", partial(setup, cfg, plan, built, fresh_process), rec, journal)
             for kind, target, stage in built["steps"]:
                 built["ctx"].facts[kind] = run_step(kind, target, partial(stage, built["ctx"]), rec, journal)
             rec["status"] = "planned" if plan else "ok"
@@ -113,19 +119,26 @@ def run(cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | Non
     return (None if plan else ctx.model), rec
 
 
-def setup(cfg: DictConfig, plan: bool) -> dict[str, Any]:
-    """The run's context and its steps: the config checked (untrusted: only this project's components, nothing
-    to call; then the schemas' cross-field checks), every stage built, a plan's too (the plan's process then
-    imports what the load's would). The libraries a load needs (transformers, accelerate, bitsandbytes) are
-    imported here, not with this module, so that their time is in the run's setup and not before the run."""
-    from pipeline.plan.step import PLAN_KINDS, Plan
-
+def setup(cfg: DictConfig, plan: bool, built: dict[str, Any], fresh_process: bool = False) -> dict[str, Any]:
+    """The run's context and its steps, into `built`: the config checked (untrusted: only this project's
+    components, nothing to call; then the schemas' cross-field checks), every stage built, a plan's too (the
+    plan's process then imports what the load's would). torch and the libraries a load needs (transformers,
+    accelerate, bitsandbytes) are imported here, not with this module, so that their time is in the run's
+    setup and not before the run. In a `fresh_process`, the libraries this load does not use are hidden first
+    and the imports run without the cyclic collector (`pipeline/startup.py`); the facts name what was hidden."""
     guard.check(cfg)
-    ctx = LoadContext(cfg=OmegaConf.to_object(cfg))
-    stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
+    hidden: list[str] = []
+    with startup.imports_uncollected() if fresh_process else nullcontext():
+        if fresh_process:
+            hidden = startup.hide_unused(str(getattr(cfg.quant.backend, "value", cfg.quant.backend)))
+        from pipeline.plan.step import PLAN_KINDS, Plan
+
+        ctx = LoadContext(cfg=OmegaConf.to_object(cfg))
+        stages = {kind: build_stage(kind, cfg.stages[kind]) for kind in STAGE_KINDS}
     steps = [(k, cfg.stages[k]._target_, stages[k]) for k in (PLAN_KINDS if plan else STAGE_KINDS)]
     steps += [("plan", "pipeline.plan.step.Plan", Plan(stages["stream"]))] if plan else []
-    return {"ctx": ctx, "steps": steps}
+    built.update(ctx=ctx, steps=steps)
+    return {"hidden_libraries": hidden} if fresh_process else {}
 
 
 def run_step(kind: str, target: str, work: Callable[[], dict | None], rec: dict, journal: Path) -> dict:

@@ -244,7 +244,7 @@ def test_the_load_process_exits_4_and_prints_a_record_it_cannot_write(monkeypatc
     monkeypatch.setattr(record, "os", _DiskFull(full, lambda name, n: True))
     cfg = compose([f"cache_dir={cache_dir}", "stages.stream.progress=false"])
     with pytest.raises(SystemExit) as exited:
-        isolate._load(pickle.dumps((cfg, full, None, os.getpid(), {}, True)))
+        isolate._load(pickle.dumps((cfg, full, None, os.getpid(), {}, True, "spawn")))
     assert exited.value.code == isolate.EXIT_RECORD_FAILED == 4
     assert f"error: cannot write the run record {full / 'run.json'}: {DISK_FULL}" in capsys.readouterr().err
     assert leftovers(full) == []

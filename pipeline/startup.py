@@ -1,0 +1,57 @@
+"""A faster start for a process that exists for one load alone (`pipeline.isolate`'s load process).
+
+Both steps change the whole interpreter, so `pipeline.runner.setup` takes them only when told the process is
+its own (`fresh_process=True`), never in a caller's process (`pipeline.load()` without `isolate`).
+
+- The quantization libraries this load does not use are hidden from transformers. transformers imports
+  torchao (`quantizers/quantizer_torchao.py`) and hqq (`cache_utils.py`) at its own import whenever they are
+  installed: on the 2-core machine ~0.6 s of CPU for torchao and ~1 s for hqq. A `None` in `sys.modules` is
+  Python's own "not importable": `importlib.util.find_spec` answers None, so transformers' `is_*_available()`
+  says False, and anything that still imported one would fail loudly (ImportError), never silently differ.
+  Package versions in the record come from the installed metadata, which this does not touch.
+- The cyclic garbage collector is paused while setup imports torch, transformers and the rest (~400k objects
+  and no garbage worth a pass: its passes cost ~20% of the import time), and what was imported is then frozen
+  (`gc.freeze`), so that later passes and the interpreter's exit skip it (the exit's teardown of an unfrozen
+  torch + transformers took 2-3 s). Reference counting still frees every tensor as before: only cycles wait
+  for a pass, and the pause ends with setup, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# quant.backend of the load -> the libraries transformers would import at its own import that this load does
+# not use. quant=none hides nothing (a checkpoint saved quantized may need any of them), nor does hqq, whose own
+# modules use torchao where it is installed; a backend not listed here hides nothing either.
+UNUSED = {
+    "bnb": ("torchao", "hqq"),
+    "quanto": ("torchao", "hqq"),
+    "torchao": ("hqq",),
+}
+
+
+def hide_unused(backend: str) -> list[str]:
+    """Make the libraries a `backend` load does not use unimportable in this process; returns their names
+    (those already imported stay as they are)."""
+    hidden = []
+    for name in UNUSED.get(backend, ()):
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+            hidden.append(name)
+    return hidden
+
+
+@contextmanager
+def imports_uncollected() -> Iterator[None]:
+    """Pause the cyclic collector over a block of imports, then freeze what exists (see the module docstring)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
