@@ -1,13 +1,29 @@
-"""Our streaming load against transformers' `from_pretrained`, side by side, in fresh processes.
+"""Our load against a plain `from_pretrained` script, each timed as the whole command a user waits for.
 
-    python benchmarks/load.py                                   # Llama-2-7B shape, nf4_double, 3 pairs
-    python benchmarks/load.py --model tinyllama_1_1b --quant fp4 --pairs 3
+    python benchmarks/load.py                                  # the default command, warm and cold, 3 pairs
+    python benchmarks/load.py --case 1.1b-nf4 1.1b-nf4_double 1.1b-fp4 1.1b-int8 --mode warm
+    python benchmarks/load.py --case 7b-nf4_double 7b-int8 7b-none --pairs 1   # from_pretrained peaks at ~20 GB
+    python benchmarks/load.py --model tinyllama_1_1b --quant torchao/int8_weight_only   # any model and quant
 
-Builds (or reuses) the synthetic checkpoint, then runs `python -m pipeline` and a plain `from_pretrained`
-with the same quantization config, dtype and device map alternately, each in its own process, and reads
-each process's peak RSS from the kernel (`wait4`, what `/usr/bin/time -v` reports, file-backed pages
-included). Prints medians, the two ratios, the memory bound, and the physical reference figures: how
-fast this machine copies the checkpoint out of the page cache, and how fast bitsandbytes quantizes.
+The cases are issue #13's table (`--case`, see CASES). For each, ours (`python -m pipeline ...`) and the
+reference (this file run with `--child`: import torch and transformers, one `from_pretrained` with the
+quantization config our pipeline builds, the same dtype, `device_map="cpu"`) run alternately, each as a fresh
+process started by a small go-between that times it and reads its peak RSS from the kernel (`wait4`, what
+`/usr/bin/time -v` reports; a child of this process would inherit this process's high-water mark). Before
+every run the checkpoint is read into the page cache. Per run:
+
+- whole: the wall time of the command, from its start to its exit: interpreter, imports, load, records
+- load: the load as measured inside the process: ours is run.json's total (setup, imports included, and
+  every stage); the reference's is the `from_pretrained` call alone
+- gen: with a case's `forward`, one forward pass after the load (a one-token greedy generation from the same
+  ids, both), since a tensor mapped from the file is only read when it is first used; it is in `whole` too
+
+`--mode warm`: the user's own HOME and TMPDIR, after one untimed run of each (compile caches filled);
+`--mode cold`: a fresh, empty HOME and TMPDIR for every run, as a first run on a new machine (no inductor
+cache, no Hugging Face cache); the checkpoint still comes from `--cache`, except in the default case, which
+runs `python -m pipeline` with no flags at all and so builds its tiny checkpoint in the fresh HOME, as a first
+run does. Prints the medians, the ratios ours / reference, the memory bound, and the physical references:
+how fast this machine copies the checkpoint out of the page cache, and how fast bitsandbytes quantizes.
 """
 
 from __future__ import annotations
@@ -20,79 +36,158 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# A go-between that reports its child's max RSS: a child of this (large) process would inherit its
-# high-water mark across fork and exec.
-MAXRSS = (
-    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, ru = os.wait4(p.pid, 0); "
-    "open(sys.argv[1], 'w').write(str(ru.ru_maxrss * 1024)); sys.exit(os.waitstatus_to_exitcode(status))"
+# The go-between: it times its child from start to exit and reads the child's peak RSS from the kernel.
+TIMED = (
+    "import os, subprocess, sys, time; t = time.perf_counter(); p = subprocess.Popen(sys.argv[2:]); "
+    "_, status, ru = os.wait4(p.pid, 0); wall = time.perf_counter() - t; "
+    "open(sys.argv[1], 'w').write(f'{ru.ru_maxrss * 1024} {wall}'); sys.exit(os.waitstatus_to_exitcode(status))"
 )
+# variables that would point a cold run at the user's warm caches
+CACHE_VARS = ("QLOAD_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME")
+PROMPT = "Hi"  # the forward pass's input: its UTF-8 bytes as token ids, as pipeline/quality/generate.py does
 
 
-def measured(args: list[str], workdir: Path) -> tuple[int, str]:
-    """Run a command through the go-between; return its peak RSS in bytes and its output."""
-    out = workdir / "maxrss"
-    proc = subprocess.run([sys.executable, "-c", MAXRSS, str(out), *args], capture_output=True, text=True, cwd=REPO)
+@dataclass(frozen=True)
+class Case:
+    model: str
+    quant: str
+    dtype: str = "fp16"
+    forward: bool = False  # also one forward pass after the load, in both
+    default: bool = False  # ours is `python -m pipeline` with no flags (tiny_llama, nf4, everything default)
+
+
+CASES = {
+    "default": Case("tiny_llama", "nf4", default=True),
+    "1.1b-nf4": Case("tinyllama_1_1b", "nf4"),
+    "1.1b-nf4_double": Case("tinyllama_1_1b", "nf4_double"),
+    "1.1b-fp4": Case("tinyllama_1_1b", "fp4"),
+    "1.1b-int8": Case("tinyllama_1_1b", "int8"),
+    "7b-nf4_double": Case("llama2_7b", "nf4_double"),
+    "7b-int8": Case("llama2_7b", "int8"),
+    "7b-none": Case("llama2_7b", "none", forward=True),
+}
+
+
+def timed(args: list[str], env: dict[str, str], cwd: Path, workdir: Path) -> tuple[float, int, str]:
+    """Run a command through the go-between; return its whole wall time (s), peak RSS (bytes) and stdout."""
+    out = workdir / "timed"
+    proc = subprocess.run(
+        [sys.executable, "-c", TIMED, str(out), *args], capture_output=True, text=True, cwd=cwd, env=env
+    )
     if proc.returncode != 0:
         raise SystemExit(
-            f"benchmark child failed ({' '.join(args[:6])} ...):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+            f"benchmark child failed ({' '.join(args[:7])} ...):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
         )
-    return int(out.read_text()), proc.stdout
+    peak, wall = out.read_text().split()
+    return float(wall), int(peak), proc.stdout
 
 
-def ours(model: str, quant: str, dtype: str, cache: str, workdir: Path, extra: list[str]) -> dict:
-    run_dir = workdir / f"ours-{time.time_ns()}"
-    args = [sys.executable, "-m", "pipeline", f"model={model}", "model.source=synthetic", f"quant={quant}",
-            f"dtype={dtype}", f"cache_dir={cache}", "device_map=cpu", "stages.stream.progress=false",
-            f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
-    peak, _ = measured(args, workdir)
-    rec = json.loads((run_dir / "run.json").read_text())
+def environment(cold: bool, workdir: Path) -> dict[str, str]:
+    """This process's environment, offline, with this checkout first on the path; cold: a fresh HOME and TMPDIR
+    and none of the variables that name a cache (the default case's checkpoint cache included)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+    if not cold:
+        return env
+    env = {k: v for k, v in env.items() if k not in CACHE_VARS}
+    home, tmp = (Path(tempfile.mkdtemp(prefix=p, dir=workdir)) for p in ("home-", "tmp-"))
+    return env | {"HOME": str(home), "TMPDIR": str(tmp)}
+
+
+def ours(case: Case, cache: str, env: dict[str, str], workdir: Path, extra: list[str]) -> dict:
+    if case.default:
+        args = [sys.executable, "-m", "pipeline"]
+    else:
+        args = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            f"model={case.model}",
+            "model.source=synthetic",
+            f"quant={case.quant}",
+            f"dtype={case.dtype}",
+            f"cache_dir={cache}",
+            "device_map=cpu",
+            "stages.stream.progress=false",
+            f"hydra.run.dir={workdir / f'ours-{time.time_ns()}'}",
+            *extra,
+        ]
+        args += [f"prompt={PROMPT}", "max_new_tokens=1"] if case.forward else []
+    run_dir = workdir / f"cwd-{time.time_ns()}"  # the default command writes runs/<date>/<time>... here
+    run_dir.mkdir()
+    wall, peak, out = timed(args, env, run_dir, workdir)
+    where = next(line for line in out.splitlines() if line.startswith("record: ")).removeprefix("record: ")
+    rec = json.loads(Path(where).read_text())
     return {
-        "wall_s": rec["total"]["wall_s"],
+        "whole_s": wall,
+        "load_s": rec["total"]["wall_s"],
+        "gen_s": (rec.get("generation") or {}).get("wall_s"),
         "peak": peak,
-        "rss_before": rec["stages"][0]["metrics"]["rss_start_mb"] * 2**20,
+        "rss_before": rec["stages"][0]["metrics"]["rss_end_mb"] * 2**20,  # setup's end: imports done, no weight
         "footprint": rec["footprint_bytes"],
     }
 
 
-def theirs(path: Path, quant: str, dtype: str, workdir: Path) -> dict:
-    args = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--quant", quant, "--dtype", dtype]
-    peak, out = measured(args, workdir)
-    return json.loads(out.strip().splitlines()[-1]) | {"peak": peak}
+def theirs(spec: dict, env: dict[str, str], workdir: Path) -> dict:
+    args = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    wall, peak, out = timed(args, env, REPO, workdir)
+    return json.loads(out.strip().splitlines()[-1]) | {"whole_s": wall, "peak": peak}
 
 
-def child(path: str, quant: str, dtype: str) -> None:
-    """The reference: one `from_pretrained` call with the quantization config our pipeline builds."""
-    import psutil
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def reference_spec(case: Case, path: Path) -> dict:
+    """What the reference script needs, as JSON: it imports torch and transformers, none of this project."""
     from pipeline import compose
     from pipeline.core.dtypes import torch_dtype
     from stages.config_merge import requested_quantization
 
-    cfg = compose([f"quant={quant}"])
-    dt = torch_dtype(dtype, "dtype")
-    hqq = cfg.quant.backend == "hqq"  # transformers 5 cannot quantize HQQ at load time: load, then hqq's own code
-    q = requested_quantization(cfg.quant, dt) if quant != "none" and not hqq else None
+    quant = compose([f"quant={case.quant}"]).quant
+    hqq = quant.backend == "hqq"  # transformers 5 cannot quantize HQQ at load time: load, then hqq's own code
+    q = requested_quantization(quant, torch_dtype(case.dtype, "dtype")) if not hqq else None
+    return {
+        "path": str(path),
+        "dtype": case.dtype,
+        "quantization_config": q.to_dict() if q is not None else None,
+        "hqq": {k: quant[k] for k in ("nbits", "group_size", "axis")} if hqq else None,
+        "forward": case.forward,
+    }
+
+
+def child(spec: dict) -> None:
+    """The reference: a `from_pretrained` script as a user writes it (and one forward pass when asked)."""
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
+    q = AutoQuantizationConfig.from_dict(spec["quantization_config"]) if spec["quantization_config"] else None
     before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=dt, device_map="cpu")
-    if hqq:
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], quantization_config=q, dtype=dtype, device_map="cpu")
+    if spec["hqq"]:
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-        settings = BaseQuantizeConfig(nbits=cfg.quant.nbits, group_size=cfg.quant.group_size, axis=cfg.quant.axis)
+        settings = BaseQuantizeConfig(**spec["hqq"])
         for name, module in list(model.named_modules()):
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 parent, _, leaf = name.rpartition(".")
-                layer = HQQLinear(module, settings, del_orig=True, compute_dtype=dt, device="cpu")
+                layer = HQQLinear(module, settings, del_orig=True, compute_dtype=dtype, device="cpu")
                 setattr(model.get_submodule(parent), leaf, layer)
-    wall = time.perf_counter() - t0
-    print(json.dumps({"wall_s": wall, "rss_before": before, "footprint": model.get_memory_footprint()}))
+    load = time.perf_counter() - t0
+    gen = None
+    if spec["forward"]:
+        ids = torch.tensor([[b % model.config.vocab_size for b in PROMPT.encode()]])
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        gen = time.perf_counter() - t1
+    print(json.dumps({"load_s": load, "gen_s": gen, "rss_before": before, "footprint": model.get_memory_footprint()}))
 
 
 def warm(files: list[Path]) -> None:
@@ -134,55 +229,133 @@ def quantize_rate(quant: str) -> float | None:
     return w.numel() * 2 / (time.perf_counter() - t0) / 1e9
 
 
+def bench(name: str, case: Case, mode: str, pairs: int, cache: str, extra: list[str], tmp: Path) -> dict:
+    """`pairs` alternating runs of ours and the reference (after one untimed run of each when warm); medians."""
+    from pipeline import compose
+    from pipeline.checkpoints import checkpoint
+
+    cfg = compose([f"model={case.model}", "model.source=synthetic", f"cache_dir={cache}"])
+    ckpt = checkpoint.scan(checkpoint.locate(cfg.model, cache))
+    spec = reference_spec(case, ckpt.path)
+    rows: dict[str, list[dict]] = {"ours": [], "from_pretrained": []}
+    if mode == "warm":
+        warm(ckpt.files)
+        ours(case, cache, environment(False, tmp), tmp, extra)
+        theirs(spec, environment(False, tmp), tmp)
+    for i in range(pairs):
+        warm(ckpt.files)
+        rows["ours"].append(ours(case, cache, environment(mode == "cold", tmp), tmp, extra))
+        warm(ckpt.files)
+        rows["from_pretrained"].append(theirs(spec, environment(mode == "cold", tmp), tmp))
+        o, t = rows["ours"][-1], rows["from_pretrained"][-1]
+        print(
+            f"  {name} {mode} pair {i + 1}: ours {o['whole_s']:.1f} s whole, {o['load_s']:.1f} s load, "
+            f"{o['peak'] / 1e9:.2f} GB | from_pretrained {t['whole_s']:.1f} s whole, {t['load_s']:.1f} s load, "
+            f"{t['peak'] / 1e9:.2f} GB | load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    med = {
+        k: {m: statistics.median(r[m] for r in v) if v[0][m] is not None else None for m in v[0]}
+        for k, v in rows.items()
+    }
+    return {"case": name, "mode": mode, "ckpt": ckpt, **med}
+
+
+def report(results: list[dict], pairs: int) -> None:
+    def cell(x: float | None, digits: int = 2) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    print(f"\nmedians of {pairs} pairs; ratio = ours / from_pretrained; load average now {os.getloadavg()[0]:.1f}\n")
+    head = [
+        "case",
+        "mode",
+        "ours whole s",
+        "theirs whole s",
+        "whole ratio",
+        "ours load s",
+        "theirs load s",
+        "load ratio",
+        "ours gen s",
+        "theirs gen s",
+        "ours peak GB",
+        "theirs peak GB",
+        "peak ratio",
+    ]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in results:
+        o, t = r["ours"], r["from_pretrained"]
+        row = [
+            r["case"],
+            r["mode"],
+            cell(o["whole_s"]),
+            cell(t["whole_s"]),
+            cell(o["whole_s"] / t["whole_s"], 3),
+            cell(o["load_s"]),
+            cell(t["load_s"]),
+            cell(o["load_s"] / t["load_s"], 3),
+            cell(o["gen_s"]),
+            cell(t["gen_s"]),
+            cell(o["peak"] / 1e9),
+            cell(t["peak"] / 1e9),
+            cell(o["peak"] / t["peak"], 3),
+        ]
+        print("| " + " | ".join(row) + " |")
+    print()
+    for r in results:
+        o, t = r["ours"], r["from_pretrained"]
+        if o["footprint"] < 0.1e9:
+            continue  # a tiny model's footprint is smaller than the allocator's noise: no bound to check
+        bound = 1.15 * o["footprint"] + o["rss_before"]
+        print(
+            f"{r['case']} {r['mode']}: peak RSS bound 1.15 x footprint + RSS before load = {bound / 1e9:.2f} GB; "
+            f"ours {o['peak'] / 1e9:.2f} GB ({'within' if o['peak'] <= bound else 'OVER'})"
+        )
+        if abs(o["footprint"] - t["footprint"]) > 0.01 * t["footprint"]:
+            print(f"  warning: footprints differ: ours {o['footprint']} vs from_pretrained {t['footprint']}")
+    by = {(r["case"], r["mode"]): r["ours"]["whole_s"] for r in results}
+    for case in dict.fromkeys(r["case"] for r in results):
+        if (case, "warm") in by and (case, "cold") in by:
+            print(
+                f"{case}: a first run on a fresh machine takes {by[case, 'cold'] - by[case, 'warm']:+.2f} s "
+                "over a warm one (ours, whole command)"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama2_7b")
-    p.add_argument("--quant", default="nf4_double")
-    p.add_argument("--dtype", default="fp16")
+    p.add_argument("--case", nargs="+", choices=list(CASES), help="cases of issue #13's table (default: default)")
+    p.add_argument("--model", help="a case of your own: this model (synthetic) with --quant, warm or cold")
+    p.add_argument("--quant", default="nf4_double", help="with --model")
+    p.add_argument("--dtype", default="fp16", help="with --model")
+    p.add_argument("--mode", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--cache", default=os.environ.get("QLOAD_CACHE", str(Path.home() / ".cache" / "qload")))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="extra overrides for our pipeline, e.g. stages.stream.kernel=quantizer")
     a = p.parse_args()
     if a.child:
-        return child(a.child, a.quant, a.dtype)
+        return child(json.loads(a.child))
+    from pipeline.core import noise
 
-    from pipeline import compose
-    from pipeline.checkpoints import checkpoint
+    noise.quiet()  # this process imports transformers and bitsandbytes too (the reference's config, the rates)
 
-    cfg = compose([f"model={a.model}", "model.source=synthetic", f"cache_dir={a.cache}"])
-    ckpt = checkpoint.scan(checkpoint.locate(cfg.model, a.cache))
-    size = sum(f.stat().st_size for f in ckpt.files)
-    print(f"checkpoint {ckpt.path} ({size / 1e9:.2f} GB, {len(ckpt.files)} shards)")
-    print(f"page-cache copy rate {page_cache_rate(ckpt.files):.2f} GB/s; "
-          f"bitsandbytes {a.quant} quantize rate {quantize_rate(a.quant) or 0:.3f} GB/s (fp16 input)")  # fmt: skip
-
-    rows: dict[str, list[dict]] = {"ours": [], "from_pretrained": []}
+    cases = {name: CASES[name] for name in a.case or ([] if a.model else ["default"])}
+    if a.model:
+        cases[f"{a.model}-{a.quant}"] = Case(a.model, a.quant, a.dtype)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(a.pairs):
-            warm(ckpt.files)
-            rows["ours"].append(ours(a.model, a.quant, a.dtype, a.cache, Path(tmp), a.extra))
-            warm(ckpt.files)
-            rows["from_pretrained"].append(theirs(ckpt.path, a.quant, a.dtype, Path(tmp)))
-            o, t = rows["ours"][-1], rows["from_pretrained"][-1]
-            print(f"pair {i + 1}: ours {o['wall_s']:.1f} s {o['peak'] / 1e9:.2f} GB | "
-                  f"from_pretrained {t['wall_s']:.1f} s {t['peak'] / 1e9:.2f} GB", flush=True)  # fmt: skip
-
-    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
-    o, t = med["ours"], med["from_pretrained"]
-    bound = 1.15 * o["footprint"] + o["rss_before"]
-    print(f"\n{a.model} {a.quant} dtype={a.dtype} device_map=cpu, medians of {a.pairs} pairs\n")
-    print("| loader | load time s | peak RSS GB | RSS before load GB | footprint GB |")
-    print("|---|---|---|---|---|")
-    for name, m in med.items():
-        print(f"| {name} | {m['wall_s']:.1f} | {m['peak'] / 1e9:.2f} | {m['rss_before'] / 1e9:.2f} | "
-              f"{m['footprint'] / 1e9:.2f} |")  # fmt: skip
-    print(f"\ntime ratio ours/from_pretrained: {o['wall_s'] / t['wall_s']:.3f}")
-    print(f"peak RSS ratio ours/from_pretrained: {o['peak'] / t['peak']:.3f}")
-    print(f"peak RSS bound 1.15 x footprint + RSS before load = {bound / 1e9:.2f} GB; "
-          f"ours {o['peak'] / 1e9:.2f} GB ({'within' if o['peak'] <= bound else 'OVER'})")  # fmt: skip
-    if abs(o["footprint"] - t["footprint"]) > 0.01 * t["footprint"]:
-        print(f"warning: footprints differ: ours {o['footprint']} vs from_pretrained {t['footprint']}")
+        for name, case in cases.items():
+            for mode in a.mode:
+                results.append(bench(name, case, mode, a.pairs, a.cache, a.extra, Path(tmp)))
+            ckpt = results[-1]["ckpt"]
+            size = sum(f.stat().st_size for f in ckpt.files)
+            print(
+                f"{name}: checkpoint {ckpt.path} ({size / 1e9:.2f} GB, {len(ckpt.files)} shards); page-cache copy "
+                f"{page_cache_rate(ckpt.files):.2f} GB/s; bitsandbytes {case.quant} quantize rate "
+                f"{quantize_rate(case.quant) or 0:.3f} GB/s (fp16 input)"
+            )
+    report(results, a.pairs)
 
 
 if __name__ == "__main__":
