@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -12,10 +15,13 @@ from omegaconf import OmegaConf
 from pipeline import CONF_DIR, compose
 from pipeline.core import record as records
 from pipeline.core.schema import SETUP, STAGE_KINDS
-from pipeline.isolate import LoadFailed
+from pipeline.isolate import DIRECT_BELOW_MB, LoadFailed
 from pipeline.replay import default_out
 from pipeline.runner import StageError
-from tests.helpers import cli_with_maxrss
+from tests.helpers import MAXRSS, REPO, cli_env, cli_with_maxrss, pipeline_cmd
+
+# variables that would point a run at caches a new machine does not have
+CACHE_VARS = ("QLOAD_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME")
 
 
 def test_default_run_prints_all_stages_and_matches_outside_rss(tmp_path, cache_dir):
@@ -33,6 +39,33 @@ def test_default_run_prints_all_stages_and_matches_outside_rss(tmp_path, cache_d
     assert abs(ours - outside_mb) <= 0.10 * outside_mb, (ours, outside_mb)
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
     assert (tmp_path / "run" / ".hydra" / "overrides.yaml").exists()
+
+
+def test_the_default_command_runs_on_a_fresh_machine(tmp_path):
+    """The first command on a new machine: `python -m pipeline`, no flags, with an empty HOME (no qload cache:
+    the tiny checkpoint is built there) and an empty TMPDIR (no compile cache), no variable naming a cache."""
+    home, tmp, work = (tmp_path / name for name in ("home", "tmp", "work"))
+    for folder in (home, tmp, work):
+        folder.mkdir()
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # this checkout, from work/
+    env = {k: v for k, v in cli_env().items() if k not in CACHE_VARS}
+    env |= {"HOME": str(home), "TMPDIR": str(tmp), "PYTHONPATH": path}
+    # started from a small process, as from a shell: a child of pytest would inherit pytest's peak (see MAXRSS)
+    small = [sys.executable, "-c", MAXRSS, str(tmp_path / "maxrss"), *pipeline_cmd()]
+    proc = subprocess.run(small, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [run_json] = work.glob("runs/*/*/run.json")
+    record = json.loads(run_json.read_text())
+    assert record["status"] == "ok" and f"record: {run_json.resolve()}" in proc.stdout
+    assert Path(record["checkpoint"]["path"]).is_relative_to(home)  # built in the fresh home
+    # the CLI's small process spawned the load itself, whose counter started below anything the load reaches
+    assert record["process"]["start"] == "spawn" and "go_between_pid" not in record["process"]
+    assert record["process"]["ru_maxrss_at_start_mb"] < DIRECT_BELOW_MB
+    setup = record["stages"][0]
+    assert setup["stage"] == SETUP and setup["facts"]["hidden_libraries"] == ["torchao", "hqq"]  # bnb uses neither
+    assert setup["metrics"]["rss_start_mb"] < DIRECT_BELOW_MB  # torch is imported in setup, inside the total
+    entries_s, total_s = sum(s["metrics"]["wall_s"] for s in record["stages"]), record["total"]["wall_s"]
+    assert abs(total_s - entries_s) <= 0.02 * total_s, (entries_s, total_s)
 
 
 def test_prompt_generates_after_loading(tmp_path, cache_dir):
