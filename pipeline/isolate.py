@@ -20,7 +20,6 @@ Either way the load records what its counter said when it began, as `process.ru_
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import multiprocessing
 import os
@@ -35,6 +34,7 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from pipeline import startup
 from pipeline.core import record, schema
 
 EXIT_OK = 0
@@ -215,7 +215,7 @@ def _load(payload: bytes) -> None:
         status = EXIT_RECORD_FAILED
     sys.stdout.flush()
     if fresh:
-        gc.freeze()  # the interpreter's exit then skips a collection over the whole model and its libraries
+        startup.exit_without_teardown(status)
     sys.exit(status)
 
 
