@@ -10,7 +10,7 @@ ran in across exec, and Python spawns with vfork, where that memory is the paren
 `ru_maxrss` starts at its parent's peak (measured: 1.5 GB parent, 1.5 GB child at its first line). That
 start is harmless while it is below anything the load reaches: the load's setup imports torch, which alone
 takes a process past 200 MB, and from there the counter is the load's own. So a small caller (the CLI's
-Hydra process, ~50 MB) spawns the load directly, and a caller whose peak is at or above `DIRECT_BELOW_MB`
+Hydra process, ~35 MB) spawns the load directly, and a caller whose peak is at or above `DIRECT_BELOW_MB`
 (a notebook that loaded a model, a test process) spawns a go-between first: it inherits the caller's mark,
 but what it runs in is a bare interpreter, and the load it spawns inherits only the go-between's small mark.
 Either way the load records what its counter said when it began, as `process.ru_maxrss_at_start_mb` in
@@ -45,7 +45,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 _SPAWN = multiprocessing.get_context("spawn")
 # a caller whose peak RSS is below this spawns the load directly (see above): well under the ~220 MB that
-# importing torch alone takes a process to, and well over the CLI's own ~50 MB
+# importing torch alone takes a process to, and well over the CLI's own ~35 MB
 DIRECT_BELOW_MB = 150.0
 
 

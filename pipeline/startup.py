@@ -1,7 +1,8 @@
 """A faster start for a process that exists for one load alone (`pipeline.isolate`'s load process).
 
-Both steps change the whole interpreter, so `pipeline.runner.setup` takes them only when told the process is
-its own (`fresh_process=True`), never in a caller's process (`pipeline.load()` without `isolate`).
+Each step changes the whole interpreter, so each is taken only in a process of the load's own: the first two by
+`pipeline.runner.setup` when told so (`fresh_process=True`), the last by `pipeline.isolate`'s load process;
+never in a caller's process (`pipeline.load()` without `isolate`).
 
 - The quantization libraries this load does not use are hidden from transformers. transformers imports
   torchao (`quantizers/quantizer_torchao.py`) and hqq (`cache_utils.py`) at its own import whenever they are
