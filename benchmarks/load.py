@@ -132,7 +132,8 @@ def ours(case: Case, cache: str, env: dict[str, str], workdir: Path, extra: list
         "outside_stream_s": wall - next(e["metrics"]["wall_s"] for e in rec["stages"] if e["stage"] == "stream"),
         "gen_s": (rec.get("generation") or {}).get("wall_s"),
         "peak": peak,
-        "rss_before": rec["stages"][0]["metrics"]["rss_end_mb"] * 2**20,  # setup's end: imports done, no weight
+        # when the stream stage starts: every library imported, no weight read
+        "rss_before": next(e["metrics"]["rss_start_mb"] for e in rec["stages"] if e["stage"] == "stream") * 2**20,
         "footprint": rec["footprint_bytes"],
     }
 
