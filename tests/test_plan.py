@@ -234,3 +234,13 @@ def test_cli_prints_the_plan_of_a_70b_model(tmp_path, cache_dir):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "planned" and record["plan"]["footprint_bytes"] > 30 * 2**30
     assert [s["stage"] for s in record["stages"]] == [SETUP, *PLAN_KINDS, "plan"]
+
+
+def test_a_module_an_explicit_map_leaves_out_is_planned_where_the_load_puts_it(load):
+    """`model.rotary_emb` holds no weight, only a non-persistent buffer; a map that omits it leaves it to
+    transformers, which puts it on the CPU: the planned bytes say so instead of a device 'None'."""
+    layers = "device_map.map={model.embed_tokens: cpu, model.layers: cpu, model.norm: cpu, lm_head: cpu}"
+    model, record, _ = load("device_map=explicit", layers)
+    facts = next(s["facts"] for s in record["stages"] if s["stage"] == "device_map")
+    assert set(facts["planned_bytes_per_device"]) == {"cpu"}
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"
