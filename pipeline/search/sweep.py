@@ -51,6 +51,7 @@ from pipeline.search.trial import (
 )
 
 EXIT_INTERRUPTED = 130
+STATES = (COMPLETE, PRUNED, FAILED)
 # keys of the command line that a study sets itself, per trial
 TRIAL_KEYS = ("quant", "plan")
 
@@ -279,7 +280,8 @@ class BudgetSearch:
         """Name the best setting that fits and its command (from the trials' records, as the report does);
         fail when nothing fit or a trial failed."""
         trials = read_trials(self.sweep_dir)
-        counts = {s: sum(1 for t in trials if t["state"] == s) for s in (COMPLETE, PRUNED, FAILED)}
+        counts = {s: sum(1 for t in trials if t["state"] == s and t.get("same_as") is None) for s in STATES}
+        repeats = sum(1 for t in trials if t.get("same_as") is not None)
         report = f"python -m pipeline.report {self.sweep_dir}"
         key = answer.quality_key(trials)
         chosen = answer.best(trials, key) if key else None
@@ -287,7 +289,8 @@ class BudgetSearch:
             print(
                 f"\nbest that fits: trial {chosen['number']}, {' '.join(chosen['setting'])}: {key} "
                 f"{chosen['values'][key]:.4g}, planned {self.budget.on.value} {size(chosen['memory_bytes'])} "
-                f"({counts[COMPLETE]} loaded, {counts[PRUNED]} pruned by plan, {counts[FAILED]} failed)\n"
+                f"({counts[COMPLETE]} loaded, {counts[PRUNED]} pruned by plan, {counts[FAILED]} failed, "
+                f"{repeats} repeat(s) answered by an earlier trial)\n"
                 f"load it: {chosen['command']}\n"
                 f"report:  {report}",
                 flush=True,
