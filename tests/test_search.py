@@ -284,12 +284,18 @@ def _record(path: Path) -> dict | None:
 
 def test_a_budget_nothing_fits_ends_naming_the_smallest_planned_footprint(tmp_path, cache_dir):
     sweep_dir = tmp_path / "study"
-    space_arg = "++hydra.sweeper.space={none: {}, bnb/nf4: {}}"
+    space_arg = "++hydra.sweeper.space={none: {}, bnb/nf4: {}, torchao/int4_weight_only: {}}"  # int4: CUDA only
     proc = run_cli(*_study_args(sweep_dir, cache_dir, space_arg, "budget=1MB", "hydra.sweeper.n_trials=6"))
     assert proc.returncode == 1, proc.stderr
     plans = {int(p.parent.parent.name): _record(p) for p in sweep_dir.glob("*/plan/run.json")}
-    assert len(plans) == 2  # each setting planned once; repeats answered without running anything
+    assert len(plans) == 3  # each setting planned once; repeats answered without running anything
     assert not list(sweep_dir.glob("*/run.json"))  # nothing loaded
+    refused = [n for n, rec in plans.items() if rec["status"] == "failed"]
+    assert len(refused) == 1 and plans[refused[0]]["failed_stage"] == "env_check"  # torchao int4 on a CPU
+    assert f"also: 1 trial(s) failed ({refused[0]}); trial {refused[0]} (quant=torchao/int4_weight_only)" in (
+        proc.stderr
+    )
+    plans = {n: rec for n, rec in plans.items() if n not in refused}
     for rec in plans.values():
         assert rec["status"] == "planned" and "stream" not in [s["stage"] for s in rec["stages"]]
     smallest = min(plans.items(), key=lambda kv: kv[1]["plan"]["footprint_bytes"])
@@ -317,10 +323,12 @@ def _identity(path: Path) -> tuple[int, int]:
 @pytest.mark.slow
 def test_a_study_interrupted_in_a_load_resumes_and_its_answer_is_the_records(tmp_path, cache_dir, capsys):
     """tiny_llama, budget 6 MB: quant=none (7.6 MiB) pruned by plan; nf4 and int8 loaded. The first load is
-    held at the stream stage and interrupted as a terminal's Ctrl-C does; the same command resumes."""
+    held at the stream stage and interrupted as a terminal's Ctrl-C does; the same command resumes. Two
+    objectives (KL, planned memory): the multi-objective study, whose best that fits is still the lowest KL."""
     sweep_dir, held = tmp_path / "study", tmp_path / "held"
     args = _study_args(sweep_dir, cache_dir, "++hydra.sweeper.space={none: {}, bnb/nf4: {}, bnb/int8: {}}",
-                       "budget=6MB", "hydra.sweeper.n_trials=10", "hydra.sweeper.seed=3")  # fmt: skip
+                       "budget=6MB", "hydra.sweeper.n_trials=10", "hydra.sweeper.seed=6",
+                       "hydra.sweeper.objectives=[kl_mean,memory]")  # fmt: skip
     first = start_cli(*args, env={"QLOAD_HOLD": f"stream:{held}"})
     try:
         _wait_for(held, first)
@@ -332,6 +340,8 @@ def test_a_study_interrupted_in_a_load_resumes_and_its_answer_is_the_records(tmp
     interrupted = int(re.search(r"interrupted in trial (\d+); the same command resumes the study", err)[1])
     kept = [p for p in sweep_dir.glob("*/**/*.json") if not p.is_relative_to(sweep_dir / str(interrupted))]
     before = {p: _identity(p) for p in kept}
+    # seed 6 asks for quant=none first (pruned by plan), then a setting that loads and is held
+    assert [json.loads(p.read_text())["state"] for p in kept if p.name == "trial.json"] == ["pruned"], kept
     held_trial = json.loads((sweep_dir / str(interrupted) / "trial.json").read_text())
     assert held_trial["state"] == "interrupted"
     assert _record(sweep_dir / str(interrupted) / "run.json")["status"] == "interrupted"
@@ -345,6 +355,9 @@ def test_a_study_interrupted_in_a_load_resumes_and_its_answer_is_the_records(tmp
     assert reruns[0]["setting"] == held_trial["setting"] and reruns[0]["state"] == "complete"
     s = optuna.load_study(study_name="study", storage=f"sqlite:///{sweep_dir / 'study.db'}")
     assert s.trials[interrupted].state == TrialState.FAIL and s.trials[interrupted].user_attrs["interrupted"]
+    for t in s.get_trials(states=(TrialState.COMPLETE,)):  # two objectives: KL and the planned footprint in MiB
+        plan = _record(sweep_dir / str(t.user_attrs.get("same_as", t.number)) / "plan" / "run.json")
+        assert t.values[1] == pytest.approx(plan["plan"]["footprint_bytes"] / 2**20, abs=1e-3)
 
     # the answer, checked against the records alone
     budget = parse_size("6MB", "budget")

@@ -295,19 +295,23 @@ class BudgetSearch:
                 f"report:  {report}",
                 flush=True,
             )
-        elif (small := answer.smallest_pruned(trials)) is not None:
+        failed = [t for t in trials if t["state"] == FAILED]
+        failures = (
+            f"{len(failed)} trial(s) failed ({', '.join(str(t['number']) for t in failed)}); trial "
+            f"{failed[0]['number']} ({' '.join(failed[0]['setting'])}): {failed[0]['reason']}"
+            if failed
+            else ""
+        )
+        small = answer.smallest_pruned(trials)
+        if chosen is None and small is not None:
             raise SearchError(
                 f"error: nothing fits {self.budget.describe()}: every one of {counts[PRUNED]} planned setting(s) "
                 f"is over; the smallest planned {self.budget.on.value} is {size(small['memory_bytes'])} (trial "
                 f"{small['number']}: {' '.join(small['setting'])}). Fix: budget= at least that, or add smaller "
-                f"settings to hydra.sweeper.space\nreport: {report}"
+                f"settings to hydra.sweeper.space" + (f"\nalso: {failures}" if failures else "") + f"\nreport: {report}"
             )
-        failed = [t for t in trials if t["state"] == FAILED]
-        if failed:
-            raise SearchError(
-                f"error: {len(failed)} trial(s) failed ({', '.join(str(t['number']) for t in failed)}); trial "
-                f"{failed[0]['number']} ({' '.join(failed[0]['setting'])}): {failed[0]['reason']}\nreport: {report}"
-            )
+        if failures:
+            raise SearchError(f"error: {failures}\nreport: {report}")
 
 
 def job_arguments(arguments: list[str]) -> list[str]:
