@@ -165,12 +165,26 @@ def test_a_trial_left_running_by_a_dead_process_is_settled_and_its_setting_queue
 
 def test_a_repeated_setting_is_answered_by_the_first_trial_that_had_it(tmp_path):
     s = study.open_study(_settings(), tmp_path, {})
-    first = s.ask()
-    first.suggest_categorical("quant", ["none", "bnb/nf4"])
+    options = ["none", "bnb/nf4", "hqq/b4_g64"]
+
+    def trial(option: str):
+        s.enqueue_trial({"quant": option})
+        t = s.ask()
+        t.suggest_categorical("quant", options)
+        return t
+
+    first = trial("none")
     s.tell(first, state=TrialState.PRUNED)
     assert study.settled_like(s, first.params).number == first.number
-    assert study.settled_like(s, {"quant": "other"}) is None
-    assert study.tried_settings(s) == 1
+    assert study.settled_like(s, {"quant": "bnb/nf4"}) is None
+    failed = trial("bnb/nf4")
+    s.tell(failed, state=TrialState.FAIL)  # a setting that failed is not tried again either
+    assert study.settled_like(s, failed.params).number == failed.number
+    cut = trial("hqq/b4_g64")
+    cut.set_user_attr(study.INTERRUPTED, True)
+    s.tell(cut, state=TrialState.FAIL)  # an interrupted one is: it never answered
+    assert study.settled_like(s, cut.params) is None
+    assert study.tried_settings(s) == 2
 
 
 # ---- the answer and the report, on records made here ----
@@ -285,7 +299,7 @@ def _record(path: Path) -> dict | None:
 def test_a_budget_nothing_fits_ends_naming_the_smallest_planned_footprint(tmp_path, cache_dir):
     sweep_dir = tmp_path / "study"
     space_arg = "++hydra.sweeper.space={none: {}, bnb/nf4: {}, torchao/int4_weight_only: {}}"  # int4: CUDA only
-    proc = run_cli(*_study_args(sweep_dir, cache_dir, space_arg, "budget=1MB", "hydra.sweeper.n_trials=6"))
+    proc = run_cli(*_study_args(sweep_dir, cache_dir, space_arg, "budget=1MB", "hydra.sweeper.n_trials=20"))
     assert proc.returncode == 1, proc.stderr
     plans = {int(p.parent.parent.name): _record(p) for p in sweep_dir.glob("*/plan/run.json")}
     assert len(plans) == 3  # each setting planned once; repeats answered without running anything

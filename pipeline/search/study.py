@@ -125,16 +125,22 @@ def counted(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(INTERRUPTED))
 
 
+def _settled(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that answered their setting: complete, pruned, or failed (a failure is not retried within the
+    study: a setting that cannot run here fails the same way again), interrupted ones excepted."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(INTERRUPTED)]
+
+
 def settled_like(study: optuna.Study, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
-    """An earlier finished trial (complete or pruned) with the same setting: its answer stands for this one.
-    (Optuna's FAQ, "How to ignore duplicated samples?": return the earlier value instead of running again.)"""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+    """An earlier trial that answered the same setting: its answer stands for this one. (Optuna's FAQ, "How
+    to ignore duplicated samples?": return the earlier value instead of running again.)"""
+    for t in _settled(study):
         if t.params == params and not t.user_attrs.get(SAME_AS):
             return t
     return None
 
 
 def tried_settings(study: optuna.Study) -> int:
-    """Distinct settings with a finished (complete or pruned) trial."""
-    states = (TrialState.COMPLETE, TrialState.PRUNED)
-    return len({json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False, states=states)})
+    """Distinct settings a trial answered."""
+    return len({json.dumps(t.params, sort_keys=True) for t in _settled(study)})

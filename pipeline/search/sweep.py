@@ -252,9 +252,12 @@ class BudgetSearch:
         print(trial_line(t.number, self.space.overrides(t.params), verdict, self.budget), flush=True)
 
     def answer_same(self, t: Any, earlier: Any) -> None:
-        """A setting an earlier trial answered: the same answer, nothing run."""
+        """A setting an earlier trial answered (complete, pruned or failed): the same answer, nothing run."""
+        from optuna.trial import TrialState
+
+        state = {TrialState.COMPLETE: COMPLETE, TrialState.PRUNED: PRUNED}.get(earlier.state, FAILED)
         verdict = Verdict(
-            COMPLETE if earlier.values else PRUNED,
+            state,
             reason=f"same setting as trial {earlier.number}, nothing run"
             + (f": {earlier.user_attrs['reason']}" if earlier.user_attrs.get("reason") else ""),
             memory_bytes=earlier.user_attrs.get("memory_bytes"),
@@ -262,10 +265,10 @@ class BudgetSearch:
         )
         t.set_user_attr(studies.SAME_AS, earlier.number)
         self.record(t, verdict, time.perf_counter(), same_as=earlier.number)
-        if earlier.values:
+        if state == COMPLETE:
             self.study.tell(t, list(earlier.values))
         else:
-            self.study.tell(t, state=self._state(PRUNED))
+            self.study.tell(t, state=self._state(state))
         print(trial_line(t.number, self.space.overrides(t.params), verdict, self.budget), flush=True)
 
     @staticmethod
@@ -295,7 +298,7 @@ class BudgetSearch:
                 f"report:  {report}",
                 flush=True,
             )
-        failed = [t for t in trials if t["state"] == FAILED]
+        failed = [t for t in trials if t["state"] == FAILED and t.get("same_as") is None]
         failures = (
             f"{len(failed)} trial(s) failed ({', '.join(str(t['number']) for t in failed)}); trial "
             f"{failed[0]['number']} ({' '.join(failed[0]['setting'])}): {failed[0]['reason']}"
