@@ -7,7 +7,8 @@ from setuptools import find_namespace_packages, find_packages, setup
 setup(
     packages=[
         *find_packages(include=["pipeline", "pipeline.*", "stages", "stages.*"]),
-        *find_namespace_packages(include=["hydra_plugins.qload_slurm"]),  # the Slurm launcher; Hydra's namespace
+        # the Slurm launcher and the budget search's sweeper: Hydra takes plugins from its namespace only
+        *find_namespace_packages(include=["hydra_plugins.qload_slurm", "hydra_plugins.qload_optuna"]),
         "pipeline.conf",
     ],
     package_dir={"pipeline.conf": "conf"},
