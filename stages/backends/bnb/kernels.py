@@ -150,6 +150,14 @@ def _fallback() -> bool:
     return True
 
 
+_calls = 0
+
+
+def used() -> bool:
+    """Whether these kernels (or their fallback) quantized anything in this process."""
+    return _calls > 0
+
+
 def describe() -> str:
     """Which kernel quantizes here, for the record's `kernel` fact."""
     lib, why = library()
@@ -236,6 +244,8 @@ def quantize_4bit(
     _check("blocksize", blocksize, BLOCKSIZES)
     _check("dtype", A.dtype, FLOAT_DTYPES)
     _check("device", A.device.type, ("cpu",))
+    global _calls
+    _calls += 1
     if _fallback():
         return _bnb_op().quantize_4bit.default(A, blocksize, quant_type, quant_storage)
     lib = library()[0]
@@ -277,6 +287,8 @@ def int8_vectorwise_quant(
     _check("device", A.device.type, ("cpu",))
     if A.dim() != 2:
         raise ValueError(f"unsupported A.dim() {A.dim()}; valid values: 2")
+    global _calls
+    _calls += 1
     if threshold > 0.0 or _fallback():
         # Outlier extraction (threshold > 0) is an activation-time path; weights use threshold 0.
         return _bnb_op().int8_vectorwise_quant.default(A, threshold)
