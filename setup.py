@@ -15,7 +15,7 @@ from setuptools import Extension, find_namespace_packages, find_packages, setup
 
 KERNELS = "stages/backends/bnb/qkernels.c"
 # the hash kernels.py compares with the library's, to never run a build of another version of the source
-SOURCE_ID = hashlib.sha256(Path(__file__).with_name(KERNELS).read_bytes()).hexdigest()[:16]
+SOURCE_ID = hashlib.sha256((Path(__file__).parent / KERNELS).read_bytes()).hexdigest()[:16]
 
 setup(
     packages=[
