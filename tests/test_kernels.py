@@ -30,6 +30,17 @@ def assert_same_stats(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert torch.equal(raw(ours[~nan]), raw(ref[~nan]))
 
 
+@pytest.fixture(params=["simd", "portable"])
+def path(request):
+    """Each test on both code paths of the C kernels: AVX2 (where the CPU has it) and portable C."""
+    lib = kernels.library()[0]
+    if lib is None:
+        pytest.skip(f"no C kernels here: {kernels.library()[1]}")
+    lib.qload_portable_only(request.param == "portable")
+    yield request.param
+    lib.qload_portable_only(0)
+
+
 def check_4bit(A: torch.Tensor, quant_type: str, blocksize: int = 64, storage=torch.uint8) -> None:
     ref = torch.ops.bitsandbytes.quantize_4bit.default(A, blocksize, quant_type, storage)
     ours = kernels.quantize_4bit(A, blocksize, quant_type, storage)
@@ -71,14 +82,14 @@ SHAPES += [(), (0, 64), (7, 9), (3, 100), (1, 64), (2, 64), (5, 3, 33), (1000, 3
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_4bit_shapes_and_scales(quant_type, dtype):
+def test_4bit_shapes_and_scales(path, quant_type, dtype):
     for i, shape in enumerate(SHAPES):
         for scale in (1e-3, 1.0, 300.0):
             check_4bit(randn(shape, dtype, scale, seed=i), quant_type)
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_4bit_chunk_boundaries(quant_type, monkeypatch):
+def test_4bit_chunk_boundaries(path, quant_type, monkeypatch):
     monkeypatch.setattr(kernels, "_CHUNK", 3 * 4096)  # a multiple of every blocksize
     for dtype in DTYPES:
         for n in (3 * 4096, 3 * 4096 + 64, 3 * 4096 + 65, 7 * 4096 + 1000):
@@ -86,13 +97,13 @@ def test_4bit_chunk_boundaries(quant_type, monkeypatch):
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_4bit_llama_shape(quant_type):
+def test_4bit_llama_shape(path, quant_type):
     check_4bit(randn((4096, 4096), torch.float16, 0.02), quant_type)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_4bit_every_16bit_value(quant_type, dtype):
+def test_4bit_every_16bit_value(path, quant_type, dtype):
     # Anchor 1 makes the scaled value the input itself, so every value next to (or on) a
     # midpoint is hit; the other anchors exercise the rounding of x * (1 / absmax).
     for anchor in (1.0, 0.7, 3.0, 1e-3):
@@ -114,7 +125,7 @@ def around(center: torch.Tensor, ulps: int = 15) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_4bit_float32_on_and_around_midpoints(quant_type):
+def test_4bit_float32_on_and_around_midpoints(path, quant_type):
     # A power-of-two absmax keeps 1 / absmax exact, so midpoint * absmax scales to an exact tie;
     # the others check the rounding of x * (1 / absmax) next to each midpoint.
     for anchor in (1.0, 2.0, 0.25, 2.0**-100, 3.0, 0.7, 10.0 / 3):
@@ -122,7 +133,7 @@ def test_4bit_float32_on_and_around_midpoints(quant_type):
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_4bit_tail_block_divides(quant_type):
+def test_4bit_tail_block_divides(path, quant_type):
     # bitsandbytes scales full blocks by x * (1 / absmax) but the tail block by x / absmax;
     # next to a midpoint the two round to different sides for some x.
     head = randn((64,), torch.float32)
@@ -134,7 +145,7 @@ def test_4bit_tail_block_divides(quant_type):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_4bit_special_values(quant_type, dtype):
+def test_4bit_special_values(path, quant_type, dtype):
     inf, nan = float("inf"), float("nan")
     A = randn((7, 64), torch.float32)
     A[0] = 0.0  # an all-zero block: absmax 0, scaled by 1 / 1e-38
@@ -164,7 +175,7 @@ def test_4bit_quant_storage(storage):
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_4bit_other_blocksizes(quant_type):
+def test_4bit_other_blocksizes(path, quant_type):
     for blocksize in kernels.BLOCKSIZES:
         for shape in [(blocksize,), (3 * blocksize + 7,), (37, 2 * blocksize + 2)]:
             check_4bit(randn(shape, torch.float16, seed=blocksize), quant_type, blocksize)
@@ -181,7 +192,7 @@ def test_4bit_views_and_parameters():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_shapes_and_special_values(dtype):
+def test_int8_shapes_and_special_values(path, dtype):
     for i, shape in enumerate([(1, 7), (7, 1), (3, 100), (513, 257), (64, 4096)]):
         for scale in (1e-3, 1.0, 300.0):
             check_int8(randn(shape, dtype, scale, seed=i))
@@ -199,7 +210,7 @@ def test_int8_shapes_and_special_values(dtype):
     check_int8(A.to(dtype))
 
 
-def test_int8_llama_shape_and_threshold():
+def test_int8_llama_shape_and_threshold(path):
     check_int8(randn((4096, 4096), torch.float16, 0.02))
     check_int8(torch.nn.Parameter(randn((64, 96), torch.float16)))
     A = randn((64, 96), torch.float16, 2.0)
@@ -220,3 +231,39 @@ def test_invalid_arguments():
         kernels.int8_vectorwise_quant(torch.zeros(4, 4, dtype=torch.int8))
     with pytest.raises(ValueError, match="3.*2"):
         kernels.int8_vectorwise_quant(torch.zeros(2, 4, 4, dtype=torch.float16))
+
+
+def test_without_a_compiler_the_exact_op_runs_and_says_so_once(no_c_compiler, caplog):
+    A = randn((64, 100), torch.float16)
+    with caplog.at_level("WARNING", logger=kernels.__name__):
+        for quant_type in QUANT_TYPES:
+            check_4bit(A, quant_type)
+        check_int8(A)
+    said = [r.getMessage() for r in caplog.records if r.name == kernels.__name__]
+    assert len(said) == 1 and "no C compiler found" in said[0] and "bitsandbytes' own op" in said[0]
+    assert kernels.describe().startswith("bitsandbytes' own op (no qload C kernel: no C compiler found")
+
+
+def test_a_built_kernel_needs_no_compiler(tmp_path, monkeypatch):
+    lib, where = kernels.library()  # built here if this checkout was neither installed nor run before
+    if lib is None:
+        pytest.skip(f"no C kernels here: {where}")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "cc"))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library()[0] is not None and kernels.compiler() is None
+        assert kernels.describe().startswith("qload C kernel")
+        check_4bit(randn((64, 100), torch.float16), "nf4")
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_a_stale_build_is_not_used(tmp_path, monkeypatch):
+    """A library built from another version of qkernels.c (an older install) is rebuilt, never run."""
+    if kernels.compiler() is None:
+        pytest.skip("no C compiler here")
+    old = tmp_path / "old.so"
+    kernels.build(old, kernels.compiler(), "0000000000000000")
+    assert kernels._open(old, kernels.source_id()) is None
+    assert kernels._open(old, "0000000000000000") is not None
