@@ -4,7 +4,8 @@ as soon as its weight (and bias) have streamed in, and the layer is swapped for 
 path is run by `quantize.py`: the same ops on the same values, bit for bit, a few times faster and in less
 memory than `HQQLinear` itself. transformers' quantizer
 still tags the skeleton's layers with their settings (`preprocess_model`) and writes `quantization_config`,
-so `save_pretrained` writes an HQQ checkpoint transformers reads back.
+so `save_pretrained` writes an HQQ checkpoint, which our bounded streamer reads back (prequantized.py;
+transformers 5.24 cannot load it on a CPU).
 
 Sizes (for the device map and the plan): W_q packs `nbits` per weight (3 bits: ten values per int32); scale
 and zero are one value each per `group_size` weights, in the compute dtype, kept in the layer's `meta`, which
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.core.schema import HqqQuantConfig
-from stages.backends.base import Backend
+from stages.backends.base import Backend, BackendUnavailable
 
 
 def packed_bytes(numel: int, nbits: int, group_size: int, axis: int = 1) -> int:
@@ -118,3 +119,17 @@ class HqqBackend(Backend):
         missing.discard(f"{module_name}.weight")
         missing.discard(f"{module_name}.bias")
         return {}
+
+    def prequantized_groups(self, ctx: Any) -> Any:
+        from stages.backends.hqq.prequantized import PrequantizedGroups
+
+        return PrequantizedGroups(ctx)
+
+    def check_prequantized(self, ctx: Any) -> None:
+        """transformers' loader (stages/stream=transformers) cannot read an HQQ checkpoint: its HQQ quantizer has
+        no load operation, so every HQQ tensor would be skipped and every weight left random."""
+        raise BackendUnavailable(
+            f"{ctx.checkpoint.path}: a checkpoint pre-quantized with hqq, which transformers' loader cannot read "
+            "(its HQQ quantizer has no load operation: the weights would stay random); use stages/stream=bounded, "
+            "which reads it as saved"
+        )
