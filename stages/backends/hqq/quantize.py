@@ -78,6 +78,8 @@ def quantize_weight(
     from hqq.core.quantize import Quantizer
 
     shape = weight.shape
+    if weight.numel() % group_size:  # hqq asserts the same
+        raise ValueError(f"HQQ group_size {group_size} does not divide the weight's {tuple(shape)} values")
     # one group per row, hqq reduces along axis 1; detached rather than under inference_mode, which is per thread
     src = weight.detach().reshape([-1, group_size])
     lo, hi = 0, round(2**nbits - 1)
