@@ -1,5 +1,6 @@
 """Quantization rate on the CPU: bitsandbytes' ops vs our bnb kernels, in GB/s of input; then every backend's
-per-tensor quantize side by side (--backends).
+per-tensor quantize side by side (--backends-only: that table alone), hqq's own `HQQLinear` beside our
+bit-identical CPU path (stages/backends/hqq/quantize.py), each checked equal.
 
     python benchmarks/quantize_rate.py [--threads N] [--repeat N] [--page-cache-mib N] [--backends-only]
 
@@ -22,6 +23,7 @@ import bitsandbytes.functional as F
 import torch
 
 from stages.backends.bnb import kernels
+from stages.backends.hqq import quantize as hqq_fast
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 
@@ -87,6 +89,10 @@ def backend_ops() -> dict[str, Callable[[torch.Tensor], object]]:
         config = BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1)
         return lambda w: HQQLinear(_linear(w), config, compute_dtype=w.dtype, device="cpu")
 
+    def hqq_ours(nbits, group):
+        config = BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1)
+        return lambda w: hqq_fast.make_layer(w, None, config, w.dtype)
+
     return {
         "bnb/nf4 (ours)": lambda w: kernels.quantize_4bit(w, 64, "nf4"),
         "bnb/int8 (ours)": lambda w: kernels.int8_vectorwise_quant(w),
@@ -96,21 +102,33 @@ def backend_ops() -> dict[str, Callable[[torch.Tensor], object]]:
         "quanto/int4": quanto(qint4),
         "quanto/int2": quanto(qint2),
         "quanto/float8": quanto(qfloat8),
-        "hqq/b8_g64": hqq(8, 64),
-        "hqq/b4_g64": hqq(4, 64),
-        "hqq/b2_g16": hqq(2, 16),
+        "hqq/b8_g64 (HQQLinear)": hqq(8, 64),
+        "hqq/b8_g64 (ours)": hqq_ours(8, 64),
+        "hqq/b4_g64 (HQQLinear)": hqq(4, 64),
+        "hqq/b4_g64 (ours)": hqq_ours(4, 64),
+        "hqq/b2_g16 (HQQLinear)": hqq(2, 16),
+        "hqq/b2_g16 (ours)": hqq_ours(2, 16),
     }
+
+
+def hqq_same(w: torch.Tensor, a: object, b: object) -> bool:
+    """Whether two HQQLinear layers of `w` hold the same W_q, scale and zero."""
+    return torch.equal(a.W_q, b.W_q) and all(torch.equal(a.meta[k], b.meta[k]) for k in ("scale", "zero"))
 
 
 def backend_rates(shape: tuple[int, int], repeat: int) -> None:
     print(f"\nper-tensor quantize, one {shape[0]}x{shape[1]} fp16 weight, best of {repeat} after a warm-up")
-    print(f"{'backend/scheme':>28} {'GB/s':>8} {'ms':>9}")
-    for name, op in backend_ops().items():
-        w = torch.randn(shape, dtype=torch.float16) * 0.02
-        op(w.clone())  # warm-up: compiles or builds the backend's extension on first use
-        t = best_seconds(repeat, lambda op=op, w=w: op(w.clone()))
+    print(f"{'backend/scheme':>28} {'GB/s':>8} {'ms':>9}  same as HQQLinear")
+    ops = backend_ops()
+    w = torch.randn(shape, dtype=torch.float16) * 0.02
+    for name, op in ops.items():
+        first = op(w.clone())  # warm-up: compiles or builds the backend's extension on first use
+        t = best_seconds(repeat, lambda op=op: op(w.clone()))
         gb = w.numel() * w.element_size() / 1e9
-        print(f"{name:>28} {gb / t:8.3f} {t * 1e3:9.1f}")
+        same = ""
+        if name.endswith("(ours)") and name.startswith("hqq/"):
+            same = "yes" if hqq_same(w, first, ops[name.replace("(ours)", "(HQQLinear)")](w.clone())) else "NO"
+        print(f"{name:>28} {gb / t:8.3f} {t * 1e3:9.1f}  {same}")
 
 
 def main() -> None:
