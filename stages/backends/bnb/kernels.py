@@ -20,8 +20,12 @@ in the log; ``describe()`` says which ran, for the record. (They were ``torch.co
 The C functions are called through ctypes, which releases the GIL: a tensor is cut into chunks of whole
 blocks (rows for int8) that ``threads()`` Python threads quantize side by side.
 
-``quantize_blockwise`` (double-quant statistics) is left alone: bitsandbytes runs it natively at ~1 GB/s on
-1/64 of the data, ~1 ms per 4096x4096 weight.
+* ``torch.ops.bitsandbytes.quantize_blockwise`` on the 4-bit absmax, minus its mean (double quantization,
+  ``compress_statistics``): bitsandbytes' native kernel makes a centred float32 copy first, then runs its
+  OpenMP loop, whose scalar steps cost ~5-30 ms per Llama-7B MLP weight on 2 loaded cores, as much as the
+  4-bit kernel itself. Ours reads the absmax and subtracts the offset as it goes (``quantize_blockwise``).
+  The offset itself stays torch's ``absmax.mean()``: its bits depend on torch's thread count and vector width
+  (cascade sums per thread, combined in float32), which only torch itself reproduces for sure.
 
 Output bytes equal bitsandbytes', including ties on the bucket midpoints, zeros, -0.0, all-zero
 blocks, inf and the tail block.  Only NaN statistics differ in bits: ours are the canonical quiet
@@ -107,6 +111,10 @@ def _open(path: Path, want: str | None) -> ctypes.CDLL | None:
     lib.qload_quantize_4bit.restype = None
     lib.qload_int8_rows.argtypes = [p, c, i64, i64, p, p]
     lib.qload_int8_rows.restype = None
+    lib.qload_blockwise_lut.argtypes = [p, p]
+    lib.qload_blockwise_lut.restype = None
+    lib.qload_quantize_blockwise.argtypes = [p, i64, ctypes.c_float, c, p, p, p]
+    lib.qload_quantize_blockwise.restype = None
     return lib
 
 
@@ -308,3 +316,83 @@ def int8_vectorwise_quant(
 
     _run([chunk(start, min(start + step, rows)) for start in range(0, rows, step)])
     return q, stats, None
+
+
+# code table bytes -> bitsandbytes' 65536-entry lookup table for it (in practice one: the dynamic map)
+_LUTS: dict[bytes, torch.Tensor] = {}
+
+# Elements per C call of quantize_blockwise: a multiple of every blocksize. Its input is 1/64 of a weight's
+# (~0.7 M values for a Llama-7B MLP weight, ~1 ms of C): one call in the calling thread, no pool hand-off.
+_BLOCKWISE_CHUNK = 1 << 22
+
+
+@torch.no_grad()
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int = 256, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same (codes, absmax) as torch.ops.bitsandbytes.quantize_blockwise.default(A - offset, code, blocksize)
+    on CPU for float32 A (double quantization of the 4-bit absmax: `offset` is its mean, a 0-d float32 tensor),
+    without making the centred copy. codes: uint8 shaped as A; absmax: float32, one per block."""
+    _check("dtype", A.dtype, (torch.float32,))
+    _check("device", A.device.type, ("cpu",))
+    if blocksize <= 0:
+        raise ValueError(f"unsupported blocksize {blocksize!r}; valid values: positive integers")
+    if code.dtype != torch.float32 or code.numel() != 256:
+        raise ValueError(f"unsupported code {code.dtype}, {code.numel()} values; valid: 256 float32 values")
+    if offset is not None and (offset.dtype != torch.float32 or offset.numel() != 1):
+        raise ValueError(f"unsupported offset {offset.dtype}, {offset.numel()} values; valid: one float32")
+    global _calls
+    _calls += 1
+    if _fallback() or not _blockwise_is_bitsandbytes():
+        centred = A if offset is None else A - offset
+        return _bnb_op().quantize_blockwise.default(centred, code, blocksize)
+    return _blockwise(A, code, blocksize, offset)
+
+
+def _blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None):
+    lib = library()[0]
+    code = code.detach().cpu().contiguous()
+    key = code.numpy().tobytes()
+    if key not in _LUTS:
+        lut = torch.empty(1 << 16, dtype=torch.uint8)
+        lib.qload_blockwise_lut(code.data_ptr(), lut.data_ptr())
+        _LUTS[key] = lut
+    lut = _LUTS[key]
+    flat = A.detach().reshape(-1).contiguous()
+    n = flat.numel()
+    out = torch.empty(A.shape, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    off = 0.0 if offset is None else float(offset.item())  # float32 -> double -> float32: exact
+    step = max(_BLOCKWISE_CHUNK - _BLOCKWISE_CHUNK % blocksize, blocksize)
+    for start in range(0, n, step):
+        lib.qload_quantize_blockwise(
+            flat.data_ptr() + 4 * start, min(step, n - start), off, blocksize, lut.data_ptr(),
+            out.data_ptr() + start, absmax.data_ptr() + 4 * (start // blocksize),
+        )  # fmt: skip
+    return out, absmax
+
+
+@cache
+def _blockwise_is_bitsandbytes() -> bool:
+    """Whether the installed bitsandbytes quantizes blockwise as our kernel does (0.50's lookup table; its
+    earlier releases searched for the nearest code value, which differs next to every midpoint), tried once
+    per process on values on and around each midpoint of the dynamic code. Where not, its own op runs,
+    said once in the log."""
+    from bitsandbytes.functional import create_dynamic_map
+
+    code = create_dynamic_map()
+    mid = ((code[:-1] + code[1:]) / 2).sort().values
+    probe, down, up = [mid], mid, mid
+    for _ in range(8):
+        down, up = torch.nextafter(down, torch.tensor(-2.0)), torch.nextafter(up, torch.tensor(2.0))
+        probe += [down, up]
+    probe = torch.cat([torch.ones(1), torch.cat(probe)])  # absmax 1: each value scales to itself
+    ref = _bnb_op().quantize_blockwise.default(probe, code.clone(), 4096)  # a copy: old releases wrote into it
+    ours = _blockwise(probe, code, 4096, None)
+    same = torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    if not same:
+        import bitsandbytes
+
+        log.warning("bitsandbytes %s quantizes blockwise (double quantization) unlike qload's C kernel: "
+                    "using its own op there", bitsandbytes.__version__)  # fmt: skip
+    return same

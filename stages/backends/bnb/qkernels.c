@@ -10,6 +10,17 @@
  *          is order[bucket]; two indices per byte, the first in the high nibble.
  *   int8:  stats = max |x| per row; q = round_half_even(x * ((1 / stats) * 127)), NaN -> 0.
  * A NaN statistic is stored as the canonical quiet NaN.
+ *
+ * Double quantization (compress_statistics) quantizes the 4-bit absmax again, blockwise with the 8-bit dynamic
+ * code; bitsandbytes runs that in its own native CPU kernel (libbitsandbytes_cpu, quantize_cpu), whose steps
+ * in float32 are, per block of x = absmax4 - offset:
+ *   absmax = max(0, max |x|) with NaN ignored; an all-zero block gives codes 0;
+ *   v = clamp(x * (1 / absmax), -1, 1) (NaN passes); index = (uint16)(int)fma((v + 1) * 0.5, 65535, 0.5)
+ *   (its compiler contracted that step into a fused multiply-add; we run the same instruction, though the
+ *   truncated index seems not to tell it from two roundings; NaN converts to index 0);
+ *   code = lut[index], a 65536-entry table built from the code's midpoints (qload_blockwise_lut).
+ * That table only approximates the nearest code value; we copy it, not the nearest value. (Read from bitsandbytes
+ * 0.50's library; its releases before used a binary search for the nearest value: tests/test_kernels.py compares.)
  * Build with -O3: the loops below are written for the auto-vectorizer (no branches in the inner loops).
  */
 #include <math.h>
@@ -143,6 +154,55 @@ static void int8_rows_generic(const void *src, int dtype, int64_t rows, int64_t 
     }
 }
 
+/* bitsandbytes' lookup table for blockwise 8-bit quantization with `code` (256 sorted values in [-1, 1]):
+ * entry i holds the first code index whose upper midpoint is not below -1 + 2i / 65535. Same float32 steps as
+ * its build_quantize_lut, so the table is the same bytes. */
+void qload_blockwise_lut(const float *code, uint8_t *lut) {
+    float mid[255];
+    for (int i = 0; i < 255; i++) mid[i] = (code[i] + code[i + 1]) * 0.5f;
+    int k = 0;
+    for (int i = 0; i < 65536; i++) {
+        float v = ((float)i + (float)i) / 65535.0f - 1.0f;
+        while (k < 255 && mid[k] < v) k++;
+        lut[i] = (uint8_t)k;
+    }
+}
+
+/* One scaled value -> its code index through the table, as bitsandbytes: clamp (NaN passes), then the fused
+ * multiply-add (fmaf: one rounding, as its contracted instruction), truncated to int, low 16 bits. */
+static inline uint8_t code8_of(float v, const uint8_t *lut) {
+    v = v < -1.0f ? -1.0f : (1.0f < v ? 1.0f : v);
+    if (v != v) return lut[0]; /* its float->int conversion of NaN gives 0x80000000: index 0 */
+    return lut[(uint16_t)(int32_t)fmaf((v + 1.0f) * 0.5f, 65535.0f, 0.5f)];
+}
+
+/* absmax of one block of x = a - offset: NaN ignored, never below 0 (bitsandbytes' running max starts at -inf,
+ * skips NaN by its strict compare, and is then maxed with 0). */
+static inline float centered_absmax(const float *a, int64_t n, float offset) {
+    float m = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float v = fabsf(a[i] - offset);
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
+/* Blocks of a - offset (n elements, the last block may be short): 8-bit codes and one absmax per block. */
+static void blockwise_generic(const float *a, int64_t n, float offset, int blocksize, const uint8_t *lut,
+                              uint8_t *restrict out, float *restrict absmax) {
+    for (int64_t start = 0, b = 0; start < n; start += blocksize, b++) {
+        int64_t len = n - start < blocksize ? n - start : blocksize;
+        float m = centered_absmax(a + start, len, offset);
+        absmax[b] = m;
+        if (m == 0.0f) {
+            memset(out + start, 0, (size_t)len);
+            continue;
+        }
+        float r = 1.0f / m;
+        for (int64_t i = 0; i < len; i++) out[start + i] = code8_of((a[start + i] - offset) * r, lut);
+    }
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,f16c")))
@@ -260,6 +320,48 @@ AVX2 static void int8_rows_avx2(const void *src, int dtype, int64_t rows, int64_
     }
 }
 
+#define AVX2_FMA __attribute__((target("avx2,f16c,fma")))
+
+/* The double-quant kernel on 8 values at a time; the fused multiply-add is the instruction bitsandbytes' build
+ * runs. Tail elements of a short last block go through the scalar steps (code8_of: fmaf, the same rounding). */
+AVX2_FMA static void blockwise_avx2(const float *a, int64_t n, float offset, int blocksize, const uint8_t *lut,
+                                    uint8_t *restrict out, float *restrict absmax) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), off = _mm256_set1_ps(offset);
+    const __m256 one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f), half = _mm256_set1_ps(0.5f);
+    const __m256 top = _mm256_set1_ps(65535.0f);
+    for (int64_t start = 0, b = 0; start < n; start += blocksize, b++) {
+        const float *x = a + start;
+        int64_t len = n - start < blocksize ? n - start : blocksize, body = len - len % 8;
+        __m256 mv = _mm256_setzero_ps();
+        for (int64_t i = 0; i < body; i += 8) /* max_ps(v, m) returns m where v is NaN: NaN ignored */
+            mv = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_loadu_ps(x + i), off)), mv);
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float m = _mm_cvtss_f32(h);
+        for (int64_t i = body; i < len; i++) {
+            float v = fabsf(x[i] - offset);
+            m = v > m ? v : m;
+        }
+        absmax[b] = m;
+        if (m == 0.0f) {
+            memset(out + start, 0, (size_t)len);
+            continue;
+        }
+        float r = 1.0f / m;
+        const __m256 rv = _mm256_set1_ps(r);
+        for (int64_t i = 0; i < body; i += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), off), rv);
+            v = _mm256_min_ps(one, _mm256_max_ps(minus_one, v)); /* operand order keeps NaN, as the clamp */
+            __m256 f = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_add_ps(v, one), half), top, half);
+            int32_t idx[8];
+            _mm256_storeu_si256((__m256i *)idx, _mm256_cvttps_epi32(f)); /* NaN -> 0x80000000: index 0 */
+            for (int j = 0; j < 8; j++) out[start + i + j] = lut[(uint16_t)idx[j]];
+        }
+        for (int64_t i = body; i < len; i++) out[start + i] = code8_of((x[i] - offset) * r, lut);
+    }
+}
+
 static int portable_only = 0;
 
 static int has_avx2(void) {
@@ -267,11 +369,15 @@ static int has_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 }
+
+static int has_fma(void) { return has_avx2() && __builtin_cpu_supports("fma"); }
 #else
 static int portable_only = 0;
 static int has_avx2(void) { return 0; }
+static int has_fma(void) { return 0; }
 #define quantize_4bit_avx2 quantize_4bit_generic
 #define int8_rows_avx2 int8_rows_generic
+#define blockwise_avx2 blockwise_generic
 #endif
 
 /* Which code path this machine runs: 1 AVX2, 0 portable C. */
@@ -288,4 +394,12 @@ void qload_quantize_4bit(const void *src, int dtype, int64_t nblocks, int blocks
 
 void qload_int8_rows(const void *src, int dtype, int64_t rows, int64_t cols, int8_t *q, float *stats) {
     (has_avx2() ? int8_rows_avx2 : int8_rows_generic)(src, dtype, rows, cols, q, stats);
+}
+
+/* bitsandbytes' quantize_blockwise(a - offset, code, blocksize) on float32 `a` of n elements, with the table
+ * of qload_blockwise_lut: the centring (a float32 subtraction, as torch's) is done as each value is read,
+ * so no centred copy is made. Blocks are independent: a caller may split `a` at any multiple of blocksize. */
+void qload_quantize_blockwise(const float *a, int64_t n, float offset, int blocksize, const uint8_t *lut,
+                              uint8_t *out, float *absmax) {
+    (has_fma() ? blockwise_avx2 : blockwise_generic)(a, n, offset, blocksize, lut, out, absmax);
 }
