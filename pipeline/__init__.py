@@ -41,8 +41,13 @@ def compose(overrides: list[str] | None = None, hydra_config: bool = False):
     from hydra.core.global_hydra import GlobalHydra
 
     from pipeline.core import schema
+    from pipeline.guard import UntrustedConfig
+    from pipeline.quant_options import check_overrides
 
     check_conf_dir()
+    problem = check_overrides(list(overrides or []), CONF_DIR / "quant")
+    if problem:  # Hydra's own error would list only the top-level quant options
+        raise UntrustedConfig(problem)
     schema.register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -67,7 +72,8 @@ def load(
     Prints nothing unless `verbose`: then the stage table, the plan, the generation, and the stream's
     progress bar (unless `stages.stream.progress` is given).
 
-    Raises: ValueError for Hydra's own keys (`hydra.run.dir=...`: give `run_dir`; sweeps: the CLI's `-m`);
+    Raises: `pipeline.guard.UntrustedConfig` (a ValueError) for a quant option that does not exist, with the
+    valid ones; ValueError for Hydra's own keys (`hydra.run.dir=...`: give `run_dir`; sweeps: the CLI's `-m`);
     in this process, `pipeline.runner.StageError` (a stage failed), `pipeline.runner.GenerationError` (the
     prompt's generation failed, after the load), `pipeline.core.record.RecordError` (a record could not be
     written); with `isolate=True`, `pipeline.isolate.LoadFailed` for any of them (with the CLI's message and

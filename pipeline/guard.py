@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.core.schema import STAGE_KINDS, StageConfig, is_schema_option
+from pipeline.search.settings import SWEEPER_TARGET, check_storage
 from stages.registry import UnknownStage, lookup
 
 SPECIAL_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
@@ -31,7 +32,10 @@ LAUNCHERS = (
     "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
     "hydra_plugins.qload_slurm.QloadSlurmLauncher",
 )
-SWEEPERS = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",)
+SWEEPERS = (
+    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    SWEEPER_TARGET,  # the budget search (pipeline/search/): its space and storage are checked below
+)
 LOGGING_CLASSES = (
     "logging.StreamHandler",
     "logging.FileHandler",
@@ -114,6 +118,8 @@ def _check_hydra(hydra: dict[str, Any]) -> None:
         if node.get("_target_") not in known:
             raise UntrustedConfig(f"hydra.{part}._target_={node.get('_target_')!r}: valid are {', '.join(known)}")
         _no_special_keys(node, f"hydra.{part}", allowed={f"hydra.{part}._target_"})
+    if (hydra.get("sweeper") or {}).get("_target_") == SWEEPER_TARGET:
+        _check_search(hydra["sweeper"])
     if (hydra.get("launcher") or {}).get("setup"):
         raise UntrustedConfig(
             "hydra.launcher.setup: shell lines in a config run code on every node; set up the environment in "
@@ -131,6 +137,20 @@ def _check_hydra(hydra: dict[str, Any]) -> None:
             raise UntrustedConfig(f"hydra.job.env_set.{key}: it changes which code a process loads; not allowed")
     rest = {k: v for k, v in hydra.items() if k not in ("launcher", "sweeper")}
     _no_special_keys(rest, "hydra", allowed=set())
+
+
+def _check_search(sweeper: dict[str, Any]) -> None:
+    """The budget search's own inputs: its storage names one of SQLAlchemy's built-in databases, and its space
+    only quant options of this project with plain keys and values (`check_argv` checks the space against
+    the backends' schemas too, composing each option)."""
+    from pipeline import CONF_DIR
+    from pipeline.search.space import SpaceError, check_untrusted
+
+    try:
+        check_storage(sweeper.get("storage"))
+        check_untrusted(sweeper.get("space") or {}, CONF_DIR, "hydra.sweeper.space")
+    except (SpaceError, ValueError) as err:
+        raise UntrustedConfig(str(err)) from None
 
 
 def _check_logging(node: Any, path: str) -> None:
@@ -192,8 +212,34 @@ def check_argv(argv: list[str]) -> None:
     check(primary)
     if not args.multirun:
         return
+    if primary.hydra.sweeper.get("_target_") == SWEEPER_TARGET:
+        _check_search_jobs(primary, [o.input_line for o in overrides])
+        return
     params = OmegaConf.to_container(primary.hydra.sweeper, resolve=False).get("params") or {}
     from_config = parser.parse_overrides([f"{k}={v}" for k, v in params.items()])
     for batch in BasicSweeper.split_arguments(from_config + overrides, None):
         for job in batch:
             check(compose(job, hydra_config=True))
+
+
+def _check_search_jobs(primary: DictConfig, argv_overrides: list[str]) -> None:
+    """A budget search's jobs: its space checked against the backends' schemas (an unknown hyperparameter or
+    a value its schema refuses is an error here, before Hydra starts), and each option's job composed and
+    checked as a trial will compose it."""
+    from pipeline import CONF_DIR, compose
+    from pipeline.search.space import SpaceError, parse
+
+    experiment = OmegaConf.select(primary, "hydra.runtime.choices.experiment", default=None)
+    where = "hydra.sweeper.space" + (f" (conf/experiment/{experiment}.yaml or an override)" if experiment else "")
+    jobs: dict[str, DictConfig] = {}
+
+    def quant_of(option: str) -> DictConfig:
+        jobs[option] = compose([*argv_overrides, f"quant={option}"], hydra_config=True)
+        return jobs[option].quant
+
+    try:
+        parse(primary.hydra.sweeper.space, quant_of, CONF_DIR, where)
+    except SpaceError as err:
+        raise UntrustedConfig(str(err)) from None
+    for job in jobs.values():
+        check(job)

@@ -34,6 +34,25 @@ def load(cache_dir, tmp_path):
     return _load
 
 
+@pytest.fixture
+def no_c_compiler(tmp_path, monkeypatch):
+    """A machine with no C compiler ($CC, CXX and PATH point at nothing) and no build of the C kernels (none from
+    install, an empty cache): the kernels must fall back to bitsandbytes' own op."""
+    from stages.backends.bnb import kernels
+
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    for var in ("CC", "CXX"):
+        monkeypatch.setenv(var, str(nothing / "cc"))
+    monkeypatch.setenv("PATH", str(nothing))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "PREBUILT", "_not_built")
+    monkeypatch.setattr(kernels, "_said_fallback", False)
+    kernels.library.cache_clear()
+    yield
+    kernels.library.cache_clear()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked requires_cuda are skipped, with the reason, where torch sees no GPU."""
     import torch

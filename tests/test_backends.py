@@ -62,25 +62,77 @@ def test_backends_table_is_closed():
         assert cls.__module__.startswith("stages.backends."), name
 
 
-def test_torchao_checkpoint_saved_by_save_pretrained_loads_as_saved(load, tmp_path):
-    """torchao can save: transformers' save_pretrained writes it, we load it as saved (quant=none) through the
-    transformers streamer and get transformers' own load of it; the bounded streamer says it has no reader."""
-    path = save("llama", tmp_path / "ck")
-    ours, *_ = load(f"model.path={path}", "quant=torchao/int8_weight_only", "dtype=fp16")
-    saved = tmp_path / "saved"
-    ours.save_pretrained(saved)
-    reloaded, record, _ = load(f"model.path={saved}", "quant=none", "stages/stream=transformers")
+TORCHAO_CPU = [q for q in SCHEMES if q.startswith("torchao/")]
+
+
+@pytest.fixture(scope="module")
+def torchao_saved(tmp_path_factory):
+    """Per torchao CPU scheme: the tiny Llama we loaded quantized, and its save_pretrained folder."""
+    from pipeline import load as api_load
+
+    tmp = tmp_path_factory.mktemp("torchao-saved")
+    path = save("llama", tmp / "ck")
+    saved = {}
+    for quant in TORCHAO_CPU:
+        name = quant.replace("/", "-")
+        model, _ = api_load([f"model.path={path}", f"quant={quant}", "dtype=fp16"], run_dir=tmp / f"run-{name}")
+        model.save_pretrained(tmp / name)
+        saved[quant] = (model, tmp / name)
+    return saved
+
+
+@pytest.mark.parametrize("stream", ["bounded", "transformers"])
+@pytest.mark.parametrize("quant", TORCHAO_CPU)
+def test_torchao_checkpoint_saved_by_save_pretrained_loads_as_saved(load, torchao_saved, quant, stream):
+    """torchao can save: transformers' save_pretrained writes it; both our streamers load it as saved
+    (quant=none: the checkpoint's own config), with transformers' own load's logits and footprint."""
+    original, saved = torchao_saved[quant]
+    reloaded, record, _ = load(f"model.path={saved}", "quant=none", f"stages/stream={stream}")
     assert entry(record, "config_merge")["facts"]["backend"] == "torchao"
+    assert entry(record, "quantizer")["facts"]["pre_quantized"] is True
     reference = AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
     assert (logits(reloaded) - logits(reference)).abs().max().item() == 0
-    assert (logits(reloaded) - logits(ours)).abs().max().item() == 0
+    assert (logits(reloaded) - logits(original)).abs().max().item() == 0
+    assert reloaded.get_memory_footprint() == reference.get_memory_footprint()
+    weight = reloaded.model.layers[0].self_attn.q_proj.weight
+    assert type(weight) is type(original.model.layers[0].self_attn.q_proj.weight)
+    assert type(weight).__module__.startswith("torchao")
+
+
+def test_torchao_checkpoint_metadata_naming_another_torch_attribute_is_refused(load, torchao_saved, tmp_path):
+    """torchao resolves a metadata `torch.dtype` node with getattr(torch, name): a checkpoint could name any
+    attribute of torch. Ours checks each name against the dtypes torchao writes, before anything is read."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     from pipeline.runner import StageError
 
-    with pytest.raises(
-        StageError, match="which the bounded streamer has no reader for: use stages/stream=transformers"
-    ):
-        load(f"model.path={saved}", "quant=none")
+    bad = tmp_path / "bad"
+    shutil.copytree(torchao_saved["torchao/int8_weight_only"][1], bad)
+    shard = next(bad.glob("*.safetensors"))
+    with safe_open(str(shard), framework="pt") as f:
+        metadata = f.metadata()
+    key = next(k for k, v in metadata.items() if '"torch.dtype"' in v)
+    metadata[key] = metadata[key].replace('"_data": "float16"', '"_data": "load"')
+    assert '"load"' in metadata[key]
+    save_file(load_file(shard), shard, metadata=metadata)
+    with pytest.raises(StageError, match=f"metadata '{key}' names dtype 'load'; valid: float16, bfloat16") as err:
+        load(f"model.path={bad}", "quant=none")
+    assert err.value.stage == "stream"
+    assert json.loads(metadata[key])  # still valid JSON: the check, not a parse error, refused it
 
 
-def test_quanto_says_it_cannot_save():
+def test_quanto_says_it_cannot_save(load, tmp_path):
+    """quanto's reason is on the backend (--help and README show it) and is what transformers says when asked:
+    save_pretrained of a quanto model refuses; every other backend's quantizer serializes."""
     assert "cannot serialize" in backends.BACKENDS["quanto"].cannot_save
+    model, _, _ = load(f"model.path={save('llama', tmp_path / 'ck')}", "quant=quanto/int8", "dtype=fp16")
+    assert not model.hf_quantizer.is_serializable()
+    with pytest.raises(ValueError, match="quanto"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+    for name, cls in backends.BACKENDS.items():
+        assert (cls.cannot_save is None) == (name != "quanto"), name

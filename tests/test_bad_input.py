@@ -8,6 +8,7 @@ the slow one runs every case that needs no patching through `python -m pipeline`
 from __future__ import annotations
 
 import json
+import runpy
 import shutil
 import signal
 import struct
@@ -20,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import CONF_DIR, isolate
+import pipeline
+from pipeline import isolate
 from pipeline.core.schema import SETUP, STAGE_KINDS
 from pipeline.runner import StageError
 from tests.helpers import ARCH, SYN, assert_same_weights, entry, file_digests, run_cli, to_pickle
@@ -141,7 +143,13 @@ NO_ABSMAX = rewrite_tensor(lambda k, t: None if k.endswith("q_proj.weight.absmax
 CASES = [
     # config and environment
     Case("quant-type", ["quant.bnb_4bit_quant_type=nf5"], COMPOSE, "Invalid value 'nf5', expected one of [nf4, fp4]"),
-    Case("quant-option", ["quant=nf5"], COMPOSE, "Could not find 'quant/nf5'"),
+    Case(
+        "quant-option",
+        ["quant=nf5"],
+        COMPOSE,
+        "quant=nf5: not a quant option; valid: fp4, fp4_double, int8, nf4, nf4_double, none, or <backend>/<scheme> "
+        "with a backend of bnb, hqq, quanto, torchao",
+    ),
     Case("dtype", ["dtype.name=fp8"], COMPOSE, "expected one of [fp16, bf16, fp32, auto]"),
     Case("policy", ["device_map.policy=everywhere"], COMPOSE, "expected one of [auto, balanced, balanced_low_0"),
     Case("unknown-key", ["model.sourec=synthetic"], COMPOSE, "Key 'sourec' not in 'ModelConfig'"),
@@ -186,7 +194,25 @@ CASES = [
         "cannot run here: torchao's Int4WeightOnlyConfig packs int4 weights for CUDA or XPU kernels only",
     ),
     Case("backend-unknown", ["quant.backend=gguf"], COMPOSE, "expected one of [none, bnb, torchao, quanto, hqq]"),
-    Case("backend-scheme-unknown", ["quant=torchao/int3"], COMPOSE, "Could not find 'quant/torchao/int3'"),
+    Case(
+        "backend-scheme-unknown",
+        ["quant=torchao/int3"],
+        COMPOSE,
+        "quant=torchao/int3: 'int3' is not a scheme of the torchao backend; valid: torchao/float8_weight_only, "
+        "torchao/int4_weight_only, torchao/int8_dynamic, torchao/int8_weight_only",
+    ),
+    Case(
+        "backend-scheme-unknown-hqq",
+        ["quant=hqq/b5"],
+        COMPOSE,
+        "'b5' is not a scheme of the hqq backend; valid: hqq/b1_g8, hqq/b2_g16, hqq/b3_g64, hqq/b4_g128, hqq/b4_g64",
+    ),
+    Case(
+        "backend-unknown-in-option",
+        ["quant=gguf/q4_k"],
+        COMPOSE,
+        "quant=gguf/q4_k: 'gguf' is not a quantization backend; valid backends: bnb, hqq, quanto, torchao",
+    ),
     Case(
         "backend-key-unknown", ["quant=quanto/int4", "quant.nbits=4"], COMPOSE, "Key 'nbits' not in 'QuantoQuantConfig'"
     ),
@@ -409,18 +435,17 @@ class InProcess:
 
 
 def cli_in_process(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    """`python -m pipeline ARGS` run in this process: pipeline/__main__.py as a script (its guard composes and
+    checks the command line before Hydra acts, then Hydra's main), the load process's body called in line."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.__main__ import main
-
     monkeypatch.setattr(isolate._SPAWN, "Process", InProcess)
-    # imported rather than run as __main__, Hydra needs the config folder spelled out
-    # and Hydra's logging setup is left out, so that it does not stay on in pytest's process
+    # Hydra's logging setup is left out, so that it does not stay on in pytest's process
     logging = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
-    monkeypatch.setattr(sys, "argv", ["pipeline", "--config-path", str(CONF_DIR), *logging, *args])
+    monkeypatch.setattr(sys, "argv", ["pipeline", *logging, *args])
     GlobalHydra.instance().clear()
     with pytest.raises(SystemExit) as done:
-        main()
+        runpy.run_path(str(Path(pipeline.__file__).parent / "__main__.py"), run_name="__main__")
     out = capsys.readouterr()
     return done.value.code, out.out + out.err
 
@@ -459,7 +484,10 @@ def test_bad_input_fails_with_its_message_and_status_and_changes_nothing(
     assert case.message in out
     if case.stage not in (COMPOSE, CONFIG):
         assert f"error: stage {case.stage} failed: " in out
-    check_record(case, run_dir)
+    if case.id in REFUSED_BEFORE_HYDRA:  # the CLI's guard refuses the command line before Hydra makes a folder
+        assert not run_dir.exists()
+    else:
+        check_record(case, run_dir)
     assert file_digests(ckpt) == before
 
 

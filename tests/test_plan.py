@@ -70,8 +70,11 @@ def test_planned_peak_is_within_10_percent_of_the_measured_peak(plan_and_load, m
     measured = max(s["metrics"]["rss_peak_mb"] for s in load["stages"]) * 2**20
     predicted = plan["plan"]["predicted_peak_bytes"]
     assert abs(predicted - measured) <= 0.10 * measured, (predicted / 2**20, measured / 2**20)
-    # the prediction holds the model on top of the process: not a figure the stages before the load set
-    assert predicted >= plan_of(plan)["base_rss_bytes"] + plan["plan"]["footprint_bytes"]
+    # the prediction holds the model on top of the process (but for the weights left as views of the file, which
+    # are not read): not a figure the stages before the load set
+    facts = plan_of(plan)
+    assert predicted >= facts["base_rss_bytes"] + plan["plan"]["footprint_bytes"] - facts["mapped_bytes"]
+    assert (facts["mapped_bytes"] > 0.9 * plan["plan"]["footprint_bytes"]) == (quant == "none")
 
 
 # every scheme of the other backends (stages/backends/): the plan asks the backend for sizes and kernels
@@ -99,7 +102,8 @@ def test_plan_runs_the_stages_up_to_device_map_and_reads_no_weight(load, monkeyp
         raise AssertionError("a plan read a weight")
 
     monkeypatch.setattr("stages.stream.bounded.read_tensors", no_reading)
-    monkeypatch.setattr("stages.stream.reader._tensors", no_reading)
+    monkeypatch.setattr("stages.stream.reader.MappedShard.tensor", no_reading)
+    monkeypatch.setattr("stages.stream.reader._pickle_tensors", no_reading)
     model, record, run_dir = load("plan=true", "quant=nf4_double")
     assert model is None
     on_disk = json.loads((run_dir / "run.json").read_text())
@@ -234,3 +238,13 @@ def test_cli_prints_the_plan_of_a_70b_model(tmp_path, cache_dir):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "planned" and record["plan"]["footprint_bytes"] > 30 * 2**30
     assert [s["stage"] for s in record["stages"]] == [SETUP, *PLAN_KINDS, "plan"]
+
+
+def test_a_module_an_explicit_map_leaves_out_is_planned_where_the_load_puts_it(load):
+    """`model.rotary_emb` holds no weight, only a non-persistent buffer; a map that omits it leaves it to
+    transformers, which puts it on the CPU: the planned bytes say so instead of a device 'None'."""
+    layers = "device_map.map={model.embed_tokens: cpu, model.layers: cpu, model.norm: cpu, lm_head: cpu}"
+    model, record, _ = load("device_map=explicit", layers)
+    facts = next(s["facts"] for s in record["stages"] if s["stage"] == "device_map")
+    assert set(facts["planned_bytes_per_device"]) == {"cpu"}
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"

@@ -117,21 +117,6 @@ def test_synthetic_build_prints_lines_in_a_log(tmp_path, monkeypatch):
     assert len(lines) > 3 and " in " in lines[-1]
 
 
-def test_first_compile_of_a_kernel_says_so_once(monkeypatch):
-    import torch
-
-    from stages.backends.bnb import kernels
-
-    monkeypatch.setattr(kernels, "_compiled_once", set())
-    out = io.StringIO()
-    monkeypatch.setattr("sys.stderr", out)
-    x = torch.randn(256, 64, dtype=torch.float16)
-    kernels.quantize_4bit(x, 64, "fp4")
-    kernels.quantize_4bit(x, 64, "fp4")
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 2 and "Compiling the CPU fp4 (blocksize 64)" in lines[0] and "done in" in lines[1]
-
-
 def test_a_sweep_prints_one_line_per_job():
     rec = {
         "status": "ok",

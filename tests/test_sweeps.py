@@ -17,13 +17,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from pipeline import CONF_DIR
+from pipeline import CONF_DIR, guard
 from pipeline import compose as compose_run
 from pipeline.core import schema
 from pipeline.replay import main as replay_main
 from pipeline.replay import replay
 from pipeline.report.runs import find_runs, label_runs, summarize
 from pipeline.report.table import main as report_main
+from pipeline.search.settings import SWEEPER_TARGET
 from tests.helpers import sweep
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -170,6 +171,10 @@ def test_experiment_is_headed_by_its_command_and_every_job_composes(name):
     assert lines[0] == "# @package _global_"
     assert lines[1] == f"# python -m pipeline -m experiment={name}"
     cfg = _sweep_config([f"experiment={name}"])
+    if cfg.hydra.sweeper._target_ == SWEEPER_TARGET:  # a budget search: its jobs are the settings of its space
+        assert f"/{name}/" in cfg.hydra.sweep.dir
+        guard.check_argv(["-m", f"experiment={name}"])  # every option composed, the space checked (test_search.py)
+        return
     params = cfg.hydra.sweeper.params
     assert params, f"experiment {name} sweeps nothing"
     assert f"/{name}/" in cfg.hydra.sweep.dir

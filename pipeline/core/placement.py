@@ -32,10 +32,12 @@ def as_override(device_map: dict[str, Any], top_level: list[str]) -> str:
 
 
 def device_of(device_map: dict[str, Any], name: str) -> Any:
-    """The device of a module: its own entry or its closest ancestor's."""
+    """The device of a module: its own entry or its closest ancestor's; a module no entry covers (an explicit
+    map may leave out a module with no weights, such as `model.rotary_emb`) goes where transformers puts it,
+    the CPU (`expand_device_map`)."""
     while True:
         if name in device_map:
             return device_map[name]
         if not name:
-            return None
+            return "cpu"
         name = name.rpartition(".")[0]

@@ -359,8 +359,13 @@ class RunConfig:
     max_new_tokens: int = 8
     plan: bool = False  # stop after device_map and predict the load's memory (pipeline/plan.py); no weight read
     progress: bool = True  # progress bars and lines on long steps (pipeline/core/progress.py); false: none at all
+    # the memory a budget search must fit into (experiment=fit_budget, pipeline/search/): 200MB, 24GiB or bytes;
+    # `Any`, checked below, as device_map.max_memory: Hydra parses `budget=200000000` as an int
+    budget: Any = None
 
     def __post_init__(self) -> None:
+        if self.budget is not None:
+            parse_size(self.budget, "budget")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError(f"prompt={self.prompt!r}: give some text to generate from, or leave prompt unset (null)")
         if self.max_new_tokens < 1:

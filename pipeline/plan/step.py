@@ -88,6 +88,9 @@ class Plan:
             "unquantized_bytes": unquantized["bytes"],
             "base_rss_bytes": int(base),
             "predicted_peak_bytes": int(load.peak["cpu"]),
+            # weights left as views of the checkpoint's pages (stages/stream/reader.py): in the footprint, not in
+            # the RSS until read
+            "mapped_bytes": int(sum(load.mapped.values())),
             "predicted_peak_bytes_per_device": {d: int(v) for d, v in load.peak.items()},
             "peak_at_tensor": load.peak_at,
             "largest_transient": {"tensor": load.largest_transient[0], "bytes": int(load.largest_transient[1])},

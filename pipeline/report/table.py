@@ -4,7 +4,8 @@ PATH is a run folder or any folder above run folders (a sweep, `runs/`); every f
 is a run. One row per run: the settings that differ between the runs, status, per-stage wall time and peak
 RSS, load time and peak, the load process's peak as the kernel kept it, the model's footprint, and the
 quality figures a `verify` stage recorded. Writes `report.csv`, `report.md` and the plots (see
-`pipeline.report.plots`) into the runs' common folder, or into `--out`.
+`pipeline.report.plots`) into the runs' common folder, or into `--out`. A budget search's sweep folder also
+gets its study report (`pipeline.report.study`): the trials, the best setting that fits and its command.
 """
 
 from __future__ import annotations
@@ -144,8 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="run folders, or folders to search for run.json")
     parser.add_argument("--out", help="folder for the report files (default: the runs' common folder)")
     args = parser.parse_args(argv)
+    from pipeline.report import study  # matplotlib, as the plots: imported when a report is made
+
     try:
         written = report(args.paths, args.out)
+        for path in filter(study.is_study, args.paths):  # a budget search: its trials and its answer too
+            print()
+            written |= study.report(path, args.out)
     except RunsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

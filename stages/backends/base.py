@@ -100,6 +100,11 @@ class Backend:
         """Whether the load turns the full-precision tensor `name` into a quantized one (the plan's question)."""
         return not quantizer.pre_quantized and quantizer.param_needs_quantization(model, name)
 
+    def cpu_kernel(self) -> str | None:
+        """Which fast CPU quantization kernel of the backend's own ran in this process, if any (the record's
+        `kernel` fact)."""
+        return None
+
     def quant_state_bytes(self, param: Any, numel: int, shape: tuple[int, ...] | None = None) -> int:
         """Bytes a quantized weight keeps beside its data that `get_memory_footprint` does not count."""
         return 0

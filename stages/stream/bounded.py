@@ -1,12 +1,13 @@
 """Our streamer: shards one at a time, tensors one at a time, each quantized on the fly and placed.
 
-Memory stays near the quantized model plus a tensor or two: tensors are read with `pread` (reader.py)
-instead of through a memory map, so no page of a shard stays resident in the process once its tensor is
-quantized; at most `prefetch` tensors wait in memory, read ahead on a thread while the current one is
-quantized. Quantizing asks the backend (stages/backends/): transformers' own quantize op, or a fast kernel
-of the backend's where it has one; a pre-quantized checkpoint is read by the backend's own reader; so the
-weights are the ones `from_pretrained` produces. Pickle shards (`model.allow_pickle=true`) are memory-mapped
-instead, and may stay resident up to a shard's size while it is read (reader.py).
+Memory stays near the quantized model plus a tensor: each tensor is a view of its memory-mapped shard
+(reader.py), read by its conversion (the quantize kernel reads the file's pages, no copy in between) and its
+pages dropped from the process once converted; a tensor kept as it is (`quant=none`, the unquantized parts of
+a quantized load) stays a view of the page cache, as transformers' loader keeps it. Quantizing asks the
+backend (stages/backends/): transformers' own quantize op, or a fast kernel of the backend's where it has one;
+a pre-quantized checkpoint is read by the backend's own reader; so the weights are the ones `from_pretrained`
+produces. Pickle shards (`model.allow_pickle=true`) are copied out of their mapping tensor by tensor, and may
+stay resident up to a shard's size while it is read (reader.py).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class BoundedStreamer(StreamStage):
         size = sum(f.stat().st_size for f in ctx.checkpoint.files)
         bar = progress.Bar(size, "Streaming shards", quiet=not self.cfg.progress)
         t0 = time.perf_counter()
-        for shard, key, tensor in read_tensors(ctx.checkpoint.files, self.prefetch):
+        reader = read_tensors(ctx.checkpoint.files, self.prefetch)
+        for shard, key, tensor in reader:
             hold("stream")  # fault tests only: a signal then lands mid-stream, a tensor read
             target, pattern = rename_source_key(key, renamings, converters, prefix, expected)
             if target not in expected and key in expected:  # as transformers' loader: a rename that misses
@@ -96,9 +98,10 @@ class BoundedStreamer(StreamStage):
                 for name, value in groups.add(key, tensor).items():
                     place(name, value)
             elif pattern is not None and target in conversions.members:
-                for name, value in conversions.add(
-                    key, target, pattern, tensor, model, info, ctx.checkpoint.path
-                ).items():
+                fused = conversions.add(key, target, pattern, tensor, model, info, ctx.checkpoint.path)
+                if fused:  # the group's tensors were read to fuse them: their pages go
+                    reader.release(conversions.members[target])
+                for name, value in fused.items():
                     if name not in expected:
                         info.unexpected_keys.add(name)
                     else:
@@ -123,10 +126,16 @@ class BoundedStreamer(StreamStage):
             "bytes_read": sum(s["bytes"] for s in per_shard),
             "tensors": sum(s["tensors"] for s in per_shard),
             "per_shard": per_shard,
-            "kernel": self.kernel,
+            "kernel": self._kernel_used(ctx),
             "prefetch": self.prefetch,
             **({"conversions": conversions.facts()} if conversions.converted else {}),
         }
+
+    def _kernel_used(self, ctx: LoadContext) -> str:
+        """The `kernel` setting, and where a fast CPU kernel was asked for, which one ran (the backend says)."""
+        quantizing = ctx.quantizer is not None and not ctx.quantizer.pre_quantized and self.kernel != "quantizer"
+        used = ctx.backend.cpu_kernel() if quantizing and ctx.backend is not None else None
+        return f"{self.kernel}: {used}" if used else self.kernel
 
     def _check_and_place(self, ctx: LoadContext, shard, key: str, target: str, tensor, empty, place) -> None:
         backend = ctx.backend

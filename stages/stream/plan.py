@@ -1,11 +1,14 @@
 """The bounded streamer's memory model: its load simulated on sizes alone, what each device holds, tensor by tensor.
 
-The streamer (stages/stream/bounded.py) reads tensors in file order, each shard's keys sorted, with up to
-`prefetch` tensors queued and one more held by the reader thread; it converts the current tensor (cast,
-quantize on the fly, place) and frees the full-precision copy before taking the next. So while tensor i is
-converted the process holds: the RSS it started with, everything placed before i, tensor i as read, what
-converting it allocates (its stored form, its quantization state, a cast copy, the kernel's working set, or
-on the first CPU-quantized tensor the kernel's compilation), and the `prefetch + 1` tensors read ahead.
+The streamer (stages/stream/bounded.py) reads tensors in file order, each shard's keys sorted, as views of the
+memory-mapped shard (stages/stream/reader.py); it converts the current tensor (cast, quantize on the fly,
+place), which brings its pages into the process, and drops them before taking the next. So while tensor i is
+converted the process holds: the RSS it started with, everything placed before i that is not a view of the
+file, tensor i's pages, and what converting it allocates (its stored form, its quantization state, a cast copy,
+the kernel's working set, or on the first CPU-quantized tensor the kernel's first-call cost). A tensor kept
+as it is (on the CPU in its own dtype) stays an untouched view: it is in the footprint, not in the RSS.
+Pickle shards are copied out instead: there a tensor as read is a copy, fused groups wait as copies, and with
+`prefetch` the `prefetch + 1` tensors read ahead on a thread wait in memory too.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Simulation:
     """What the simulation found: resident bytes per device, peaks per device, and where the host peak falls."""
 
     resident: Counter = field(default_factory=Counter)
+    mapped: Counter = field(default_factory=Counter)  # of resident: views of the shards, not in the RSS
     quant_state: Counter = field(default_factory=Counter)
     peak: Counter = field(default_factory=Counter)
     peak_at: str = ""
@@ -100,8 +104,10 @@ def simulate(
     converters = [w for w in mapping if isinstance(w, WeightConverter)]
     out = Simulation()
     out.peak["cpu"] = base
+    # safetensors shards are mapped (tensors are views), pickle shards copied out (stages/stream/reader.py)
+    mapped = ctx.checkpoint is None or ctx.checkpoint.format != checkpoint.PICKLE
     kernel_resident = 0
-    used: set[str] = set()  # kernels already compiled
+    used: set[str] = set()  # kernels already called
     seen: set[str] = set()
     compute_itemsize = torch.empty((), dtype=dtype).element_size()
     # tensors that a converter fuses (MoE experts) wait until their group is complete (stages/stream/convert.py)
@@ -114,27 +120,28 @@ def simulate(
         if param is None:
             continue
         seen.add(target)
-        ahead = sum(x.nbytes for x in reads[i + 1 : i + 2 + prefetch])
+        ahead = 0 if mapped else sum(x.nbytes for x in reads[i + 1 : i + 2 + prefetch])
         fused = pattern is not None
         if fused:
             group = held.setdefault(target, [0, 0])
             group[0] += r.nbytes
             group[1] += r.numel
             left[target] -= 1
-            if left[target]:  # held: one more tensor in memory, nothing placed yet
-                pending += r.nbytes
-                host = base + out.resident["cpu"] + out.quant_state["cpu"] + kernel_resident + pending + ahead
+            if left[target]:  # held, nothing placed yet: a copy in memory (pickle), an unread view (safetensors)
+                pending += 0 if mapped else r.nbytes
+                host = base + rss(out) + kernel_resident + pending + ahead
                 if host > out.peak["cpu"]:
                     out.peak["cpu"], out.peak_at = host, r.key
                 continue
             # complete: the group as read is the tensor to convert; fusing it allocates the parameter beside it
-            pending -= group[0] - r.nbytes
+            pending -= 0 if mapped else group[0] - r.nbytes
             r = Read(target, group[1], r.itemsize, r.dtype)
             del held[target]
         device = str(device_of(device_map, target.rpartition(".")[0]))
         on_host = device == "cpu"
         quantized = quantizer is not None and backend.quantizes(model, quantizer, target)
         compiling = 0
+        read = r.nbytes  # the tensor's pages (a view's, read by its conversion) or its copy (pickle)
         if quantized:
             stored = backend.stored_bytes(model, quantizer, target, param, r.numel)
             state = backend.quant_state_bytes(param, r.numel)
@@ -144,7 +151,7 @@ def simulate(
             convert += backend.transient_bytes(param, r.numel)
             if on_host and kind in kernels:
                 convert += kernels[kind].working_set(r.numel)
-                # the first call compiles the kernel: its cost replaces the working set, once
+                # the kernel's first call costs more (loading it): that replaces the working set, once
                 compiling = (
                     kernels[kind].first_call_bytes - kernels[kind].working_set(r.numel) if kind not in used else 0
                 )
@@ -153,10 +160,14 @@ def simulate(
             target_dtype = param.dtype if (param.is_floating_point() and r.dtype is not None) else r.dtype
             stored = r.numel * (param.element_size() if target_dtype is param.dtype else r.itemsize)
             state = 0
-            # on the CPU in its own dtype, the tensor as read becomes the parameter: nothing new is allocated
+            # on the CPU in its own dtype, the tensor as read becomes the parameter: nothing new is allocated;
+            # from a mapped shard it is a view nothing reads, so not even its pages come in
             convert = 0 if (on_host and target_dtype == r.dtype) else stored
+            if convert == 0 and mapped and not fused:
+                read = 0
+                out.mapped[device] += stored
         fuse = r.nbytes if fused else 0  # the fused copy, made on the CPU beside the tensors it is made of
-        host = base + out.resident["cpu"] + out.quant_state["cpu"] + kernel_resident + r.nbytes + ahead + pending + fuse
+        host = base + rss(out) + kernel_resident + read + ahead + pending + fuse
         if on_host:
             host += convert + compiling
         elif device != "disk":
@@ -164,8 +175,8 @@ def simulate(
             out.peak[device] = max(out.peak[device], gpu)
         if host > out.peak["cpu"]:
             out.peak["cpu"], out.peak_at = host, r.key
-        if r.nbytes + fuse + convert > out.largest_transient[1]:
-            out.largest_transient = (r.key, r.nbytes + fuse + convert)
+        if read + fuse + convert > out.largest_transient[1]:
+            out.largest_transient = (r.key, read + fuse + convert)
         out.resident[device] += stored
         out.quant_state[device] += state
         if on_host and quantized and kind in kernels and not kernel_resident:
@@ -175,10 +186,16 @@ def simulate(
         if name not in seen:
             out.resident[str(device_of(device_map, name.rpartition(".")[0]))] += tensor.numel() * tensor.element_size()
     for device in set(out.resident) - {"disk"}:
-        out.peak[device] = max(out.peak[device], out.resident[device] + out.quant_state[device])
-    end = base + out.resident["cpu"] + out.quant_state["cpu"] + kernel_resident
+        held = out.resident[device] - out.mapped[device] + out.quant_state[device]
+        out.peak[device] = max(out.peak[device], held)
+    end = base + rss(out) + kernel_resident
     out.peak["cpu"] = max(out.peak["cpu"], end)
     return out
+
+
+def rss(sim: Simulation) -> int:
+    """What the placed weights hold in the process's RSS on the CPU: all but the untouched views."""
+    return sim.resident["cpu"] - sim.mapped["cpu"] + sim.quant_state["cpu"]
 
 
 def probe_kernels(ctx: LoadContext, device_map: dict[str, Any], kernel: str) -> dict[str, KernelCost]:

@@ -149,6 +149,11 @@ class BnbBackend(Backend):
                 f"{as_override(device_map, top)}, or give the devices room (device_map.max_memory)"
             )
 
+    def cpu_kernel(self) -> str | None:
+        from stages.backends.bnb import kernels
+
+        return kernels.describe() if kernels.used() else None
+
     def stored_transposed(self, model: Any, quantizer: Any, name: str) -> bool:
         from stages.backends.bnb.quantize import stored_transposed
 

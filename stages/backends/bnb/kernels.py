@@ -8,16 +8,24 @@ Replaces, on CPU:
 * ``torch.ops.bitsandbytes.int8_vectorwise_quant`` (LLM.int8 weights, ``Int8Params``): eager
   passes with full-size float32 temporaries, ~0.45 GB/s on 2 cores.
 
-Each becomes one ``torch.compile`` (inductor C++) kernel: ~1.8 GB/s per core for nf4 and fp4
-(nf4 ~3.5 GB/s on 2 idle cores), ~1.2-1.6 GB/s per core for int8 (~3.8 on 2); see
-``benchmarks/quantize_rate.py``.  Compiling costs ~10 s of inductor start-up plus ~5 s per
-4-bit kernel the first time on a machine, ~2 s per process once inductor's on-disk cache has it.
-A kernel compiles per quant_type (again, once, when a second blocksize appears) and, for int8,
-per input dtype.  ``quantize_blockwise`` (double-quant statistics) is left alone: bitsandbytes
-runs it natively at ~1 GB/s on 1/64 of the data, ~1 ms per 4096x4096 weight.
+Each is a small C function (``qkernels.c``: AVX2/F16C where the CPU has it, portable C elsewhere) that reads
+the 16-bit weight as it is, with no float32 copy, and writes the outputs once; see
+``benchmarks/quantize_rate.py`` for the rates. It needs no compiler at run time: ``setup.py`` builds it at
+install (``_qkernels*.so`` next to this file); a checkout that was not installed builds it on first use
+(~1 s, once per source version) into ``$XDG_CACHE_HOME/qload/kernels`` (``~/.cache``). Where neither is
+possible (no C compiler), these functions run bitsandbytes' own op instead, exact and slow, and say so once
+in the log; ``describe()`` says which ran, for the record. (They were ``torch.compile`` kernels before:
+10-20 s of inductor the first time on a machine, ~2 s per process after, and a C++ compiler at run time.)
 
-OpenMP's default spin-waiting makes the 2-thread 4-bit kernel 2-8x slower than 1 thread while
-another process keeps a core busy; ``OMP_WAIT_POLICY=PASSIVE`` (set before torch starts) avoids it.
+The C functions are called through ctypes, which releases the GIL: a tensor is cut into chunks of whole
+blocks (rows for int8) that ``threads()`` Python threads quantize side by side.
+
+* ``torch.ops.bitsandbytes.quantize_blockwise`` on the 4-bit absmax, minus its mean (double quantization,
+  ``compress_statistics``): bitsandbytes' native kernel makes a centred float32 copy first, then runs its
+  OpenMP loop, whose scalar steps cost ~5-30 ms per Llama-7B MLP weight on 2 loaded cores, as much as the
+  4-bit kernel itself. Ours reads the absmax and subtracts the offset as it goes (``quantize_blockwise``).
+  The offset itself stays torch's ``absmax.mean()``: its bits depend on torch's thread count and vector width
+  (cascade sums per thread, combined in float32), which only torch itself reproduces for sure.
 
 Output bytes equal bitsandbytes', including ties on the bucket midpoints, zeros, -0.0, all-zero
 blocks, inf and the tail block.  Only NaN statistics differ in bits: ours are the canonical quiet
@@ -26,27 +34,175 @@ NaN, bitsandbytes' depend on which reduction kernel torch picked.
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
 
 import torch
 
-from pipeline.core import progress
+log = logging.getLogger(__name__)
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # as qkernels.c's enum
 
-# Elements per compiled call. The float32 copy of a chunk (16 MiB) stays in L3, and few calls
-# mean few OpenMP barriers: with another process busy on one of the 2 cores each barrier can wait
-# a scheduler time slice, and 1 Mi-element chunks then ran ~3x slower than these.
-# Converting to float32 first beat fusing the conversion into the kernel: with 16-bit input
-# inductor read the even / odd elements through scalar gathers (~1.5x slower).
-_CHUNK = 1 << 22
+# Elements per C call (a multiple of every blocksize): chunks small enough that a thread slowed by another
+# process on its core leaves its share to the others, large enough that a call (~10 us) is noise.
+_CHUNK = 1 << 21
+
+SOURCE = Path(__file__).with_name("qkernels.c")
+PREBUILT = "_qkernels"  # setup.py's extension name (a plain shared library, loaded with ctypes)
+COMPILE_FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]  # no fused multiply-add: exact float32 steps
+COMPILERS = ("cc", "gcc", "clang")
+
+
+def source_id() -> str:
+    """The hash of qkernels.c that a library built from it reports (`qload_source_id`)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qload" / "kernels"
+
+
+def compiler() -> str | None:
+    """The C compiler a build would use: $CC, else the first of cc, gcc, clang on PATH."""
+    for name in ([os.environ["CC"]] if os.environ.get("CC") else []) + list(COMPILERS):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def build(out: Path, cc: str, source_hash: str) -> None:
+    """Compile qkernels.c into the shared library `out` (written beside it, then renamed: two processes
+    building at once both end with a whole file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *COMPILE_FLAGS, f'-DQLOAD_SOURCE_ID="{source_hash}"', str(SOURCE), "-o", tmp, "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path, want: str | None) -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    lib.qload_source_id.restype = ctypes.c_char_p
+    if want is not None and lib.qload_source_id().decode() != want:
+        return None  # built from another version of qkernels.c
+    c, i64, p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    lib.qload_quantize_4bit.argtypes = [p, c, i64, c, p, p, p, p]
+    lib.qload_quantize_4bit.restype = None
+    lib.qload_int8_rows.argtypes = [p, c, i64, i64, p, p]
+    lib.qload_int8_rows.restype = None
+    lib.qload_blockwise_lut.argtypes = [p, p]
+    lib.qload_blockwise_lut.restype = None
+    lib.qload_quantize_blockwise.argtypes = [p, i64, ctypes.c_float, c, p, p, p]
+    lib.qload_quantize_blockwise.restype = None
+    return lib
+
+
+@cache
+def library() -> tuple[ctypes.CDLL | None, str]:
+    """The C kernels and where they came from; (None, why) where there are none."""
+    want = source_id() if SOURCE.exists() else None
+    prebuilt = Path(__file__).with_name(PREBUILT + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    if prebuilt.exists() and (lib := _open(prebuilt, want)) is not None:
+        return lib, "built at install"
+    if want is None:
+        return None, f"{prebuilt.name} is missing or does not load, and qkernels.c is not here to build it"
+    cached = cache_dir() / f"qkernels-{want}.so"
+    if cached.exists() and (lib := _open(cached, want)) is not None:
+        return lib, f"built on first use, {cached}"
+    cc = compiler()
+    if cc is None:
+        return None, "no C compiler found ($CC, cc, gcc, clang) to build them, and no build from install"
+    try:
+        build(cached, cc, want)
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", None) or str(err)
+        return None, f"building them with {cc} failed: {detail.strip()[-500:]}"
+    lib = _open(cached, want)
+    return (lib, f"built now with {cc}, {cached}") if lib is not None else (None, f"{cached} does not load")
+
+
+_said_fallback = False
+
+
+def _fallback() -> bool:
+    """True where there are no C kernels: the caller runs bitsandbytes' op, said once in the log."""
+    global _said_fallback
+    lib, why = library()
+    if lib is not None:
+        return False
+    if not _said_fallback:
+        _said_fallback = True
+        log.warning("qload's CPU quantization kernels are not available (%s): using bitsandbytes' own op, "
+                    "exact but 10-40x slower", why)  # fmt: skip
+    return True
+
+
+_calls = 0
+
+
+def used() -> bool:
+    """Whether these kernels (or their fallback) quantized anything in this process."""
+    return _calls > 0
+
+
+def describe() -> str:
+    """Which kernel quantizes here, for the record's `kernel` fact."""
+    lib, why = library()
+    if lib is None:
+        return f"bitsandbytes' own op (no qload C kernel: {why})"
+    return f"qload C kernel ({'avx2' if lib.qload_simd() else 'portable C'}, {threads()} threads, {why})"
+
+
+def threads() -> int:
+    """Threads to quantize with: the cores this process may run on, at most torch's thread setting."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, torch.get_num_threads()))
+
+
+@cache
+def _pool(n: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(n, thread_name_prefix="qload-quantize")
+
+
+def _run(calls: list) -> None:
+    """Run the C calls (each a zero-argument callable) on the pool, or inline when there is one."""
+    n = min(threads(), len(calls))
+    if n <= 1:
+        for call in calls:
+            call()
+        return
+    for future in [_pool(threads()).submit(call) for call in calls]:
+        future.result()
 
 
 # quant_type -> (the 15 bucket midpoints, the code index of each of the 16 buckets), filled on
-# first use for both types at once: the compiled kernel reads it as constants and is guarded on it.
+# first use for both types at once.
 _TABLES: dict[str, tuple[tuple[float, ...], tuple[int, ...]]] = {}
+_C_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _load_tables() -> None:
@@ -58,53 +214,6 @@ def _load_tables() -> None:
         order = torch.argsort(code)
         midpoints = (code[order[:-1]] + code[order[1:]]) / 2
         _TABLES[quant_type] = tuple(midpoints.tolist()), tuple(order.tolist())
-
-
-def _select(bits: list[torch.Tensor], values: list[float]) -> torch.Tensor | float:
-    """values[k], k spelled by the boolean tensors in bits (most significant first)."""
-    if not bits:
-        return values[0]
-    half = len(values) // 2
-    return torch.where(bits[0], _select(bits[1:], values[half:]), _select(bits[1:], values[:half]))
-
-
-def _codes(v: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """torch.bucketize(v, midpoints) mapped to code indices, with 4 compares instead of 15."""
-    midpoints, order = _TABLES[quant_type]
-    bits: list[torch.Tensor] = []
-    for level in range(4):
-        step = 8 >> level
-        threshold = _select(bits, [midpoints[lo + step - 1] for lo in range(0, 16, 2 * step)])
-        # not (v <= t) rather than v > t: NaN goes to the last bucket, as in bucketize.
-        bits.append(~(v <= threshold))
-    bucket = sum(b.to(torch.int32) << (3 - i) for i, b in enumerate(bits))
-    if order == tuple(range(16)):
-        return bucket
-    # order[bucket] as a 16-nibble table held in two int32 constants; a where-tree over the
-    # 16 leaves ran as fast but took twice as long to compile.
-    lo, hi = (sum(c << 4 * i for i, c in enumerate(part)) for part in (order[:8], order[8:]))
-    table = torch.where(bits[0], torch.full_like(bucket, _int32(hi)), torch.full_like(bucket, _int32(lo)))
-    return (table >> ((bucket & 7) << 2)) & 15
-
-
-def _int32(u: int) -> int:
-    """The signed int32 with the bits of the 32-bit unsigned u."""
-    return u - (1 << 32) if u >= 1 << 31 else u
-
-
-def _blocks_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed codes and absmax of a 1-D float32 tensor made of whole blocks."""
-    x = x.view(-1, blocksize)
-    absmax = x.abs().amax(dim=1, keepdim=True)
-    # Same float32 ops as bitsandbytes: multiply by the reciprocal of the clamped absmax.
-    scaled = x * absmax.clamp(min=1e-38).reciprocal()
-    packed = (_codes(scaled[:, 0::2], quant_type) << 4) | _codes(scaled[:, 1::2], quant_type)
-    # inductor's vectorized max makes NaN 0xffffffff; return the usual quiet NaN instead.
-    absmax = torch.where(absmax.isnan(), float("nan"), absmax)
-    return packed.to(torch.uint8), absmax.squeeze(1)
-
-
-_compiled_blocks_4bit = torch.compile(_blocks_4bit)
 
 
 def _tail_4bit(tail: torch.Tensor, pad: bool, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,24 +228,18 @@ def _tail_4bit(tail: torch.Tensor, pad: bool, quant_type: str) -> tuple[torch.Te
     return (q[::2] << 4) | q[1::2], absmax.reshape(1)
 
 
-_compiled_once: set[str] = set()
-
-
-def _first_compile(what: str) -> contextlib.AbstractContextManager:
-    """A line on the first call of a kernel variant (torch.compile runs then, 10-20 s on 2 cores, with no
-    fraction to show) and one with how long it took; later calls say nothing."""
-    if what in _compiled_once:
-        return contextlib.nullcontext()
-    _compiled_once.add(what)
-    return progress.step(f"Compiling the CPU {what} quantization kernel (first use in this process)")
-
-
 def _check(name: str, value: object, valid: tuple) -> None:
     if value not in valid:
         raise ValueError(f"unsupported {name} {value!r}; valid values: {', '.join(map(str, valid))}")
 
 
-@torch.no_grad()  # a Parameter must not make dynamo compile a training graph
+def _bnb_op():
+    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+    return torch.ops.bitsandbytes
+
+
+@torch.no_grad()
 def quantize_4bit(
     A: torch.Tensor,
     blocksize: int = 64,
@@ -149,46 +252,37 @@ def quantize_4bit(
     _check("blocksize", blocksize, BLOCKSIZES)
     _check("dtype", A.dtype, FLOAT_DTYPES)
     _check("device", A.device.type, ("cpu",))
+    global _calls
+    _calls += 1
+    if _fallback():
+        return _bnb_op().quantize_4bit.default(A, blocksize, quant_type, quant_storage)
+    lib = library()[0]
     if not _TABLES:
         _load_tables()
-    flat = A.reshape(-1)
+    if quant_type not in _C_TABLES:
+        midpoints, order = _TABLES[quant_type]
+        _C_TABLES[quant_type] = torch.tensor(midpoints, dtype=torch.float32), torch.tensor(order, dtype=torch.uint8)
+    midpoints, order = _C_TABLES[quant_type]
+    flat = A.detach().reshape(-1).contiguous()
     n = flat.numel()
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
-    # One float32 buffer for all chunks: fresh allocations of it cost page faults (~5%).
-    buf = torch.empty(min(full, _CHUNK), dtype=torch.float32) if A.dtype != torch.float32 else None
-    for start in range(0, full, _CHUNK):
-        stop = min(start + _CHUNK, full)
-        x = flat[start:stop] if buf is None else buf[: stop - start].copy_(flat[start:stop])
-        if stop - start > blocksize:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-            with _first_compile(f"{quant_type} (blocksize {blocksize})"):
-                p, a = _compiled_blocks_4bit(x, blocksize, quant_type)
-        else:  # dynamo would compile a separate variant for a lone block (a size-1 dim)
-            p, a = _blocks_4bit(x, blocksize, quant_type)
-        packed[start // 2 : stop // 2] = p.view(-1)
-        absmax[start // blocksize : stop // blocksize] = a
+    src, item, code = flat.data_ptr(), flat.element_size(), _DTYPE_CODE[A.dtype]
+    step = max(_CHUNK - _CHUNK % blocksize, blocksize)
+
+    def chunk(start: int, stop: int):
+        return lambda: lib.qload_quantize_4bit(
+            src + start * item, code, (stop - start) // blocksize, blocksize, midpoints.data_ptr(),
+            order.data_ptr(), packed.data_ptr() + start // 2, absmax.data_ptr() + 4 * (start // blocksize),
+        )  # fmt: skip
+
+    _run([chunk(start, min(start + step, full)) for start in range(0, full, step)])
     if full < n:
         p, a = _tail_4bit(flat[full:].float(), n % 2 == 1, quant_type)
         packed[full // 2 :] = p
         absmax[-1:] = a
     return packed.view(quant_storage).unsqueeze(1), absmax
-
-
-def _rows_int8(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 rows and row absmax of a 2-D tensor, with bitsandbytes' default-kernel arithmetic."""
-    stats = A.abs().amax(dim=1, keepdim=True).float()
-    # 127 / stats as bitsandbytes computes it: Tensor.__rtruediv__ is reciprocal() * 127.
-    scaled = A.float() * (stats.reciprocal() * 127.0)
-    # Eager .to(int8) turns NaN (from all-zero rows or inf / NaN entries) into 0; the
-    # vectorized conversion inductor emits gives -128, so map NaN explicitly.
-    q = torch.where(scaled.isnan(), 0.0, torch.round(scaled)).to(torch.int8)
-    stats = torch.where(stats.isnan(), float("nan"), stats)
-    return q, stats.squeeze(1)
-
-
-_compiled_rows_int8 = torch.compile(_rows_int8)
 
 
 @torch.no_grad()
@@ -201,17 +295,104 @@ def int8_vectorwise_quant(
     _check("device", A.device.type, ("cpu",))
     if A.dim() != 2:
         raise ValueError(f"unsupported A.dim() {A.dim()}; valid values: 2")
-    if threshold > 0.0:
-        # Outlier extraction is an activation-time path; weights use threshold 0.
-        import bitsandbytes  # noqa: F401  (registers the op)
+    global _calls
+    _calls += 1
+    if threshold > 0.0 or _fallback():
+        # Outlier extraction (threshold > 0) is an activation-time path; weights use threshold 0.
+        return _bnb_op().int8_vectorwise_quant.default(A, threshold)
+    lib = library()[0]
+    A = A.detach().contiguous()
+    rows, cols = A.shape
+    q = torch.empty((rows, cols), dtype=torch.int8)
+    stats = torch.empty(rows, dtype=torch.float32)
+    src, item, code = A.data_ptr(), A.element_size(), _DTYPE_CODE[A.dtype]
+    step = max(1, _CHUNK // max(cols, 1))
 
-        return torch.ops.bitsandbytes.int8_vectorwise_quant.default(A, threshold)
-    A = A.contiguous()
-    if min(A.shape) < 2:
-        # dynamo would compile a separate variant for a size-1 dim; eager is as exact.
-        q, stats = _rows_int8(A)
-    else:
-        torch._dynamo.maybe_mark_dynamic(A, [0, 1])
-        with _first_compile(f"int8 ({str(A.dtype).removeprefix('torch.')})"):
-            q, stats = _compiled_rows_int8(A)
+    def chunk(start: int, stop: int):
+        return lambda: lib.qload_int8_rows(
+            src + start * cols * item, code, stop - start, cols, q.data_ptr() + start * cols,
+            stats.data_ptr() + 4 * start,
+        )  # fmt: skip
+
+    _run([chunk(start, min(start + step, rows)) for start in range(0, rows, step)])
     return q, stats, None
+
+
+# code table bytes -> bitsandbytes' 65536-entry lookup table for it (in practice one: the dynamic map)
+_LUTS: dict[bytes, torch.Tensor] = {}
+
+# Elements per C call of quantize_blockwise: a multiple of every blocksize. Its input is 1/64 of a weight's
+# (~0.7 M values for a Llama-7B MLP weight, ~1 ms of C): one call in the calling thread, no pool hand-off.
+_BLOCKWISE_CHUNK = 1 << 22
+
+
+@torch.no_grad()
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int = 256, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same (codes, absmax) as torch.ops.bitsandbytes.quantize_blockwise.default(A - offset, code, blocksize)
+    on CPU for float32 A (double quantization of the 4-bit absmax: `offset` is its mean, a 0-d float32 tensor),
+    without making the centred copy. codes: uint8 shaped as A; absmax: float32, one per block."""
+    _check("dtype", A.dtype, (torch.float32,))
+    _check("device", A.device.type, ("cpu",))
+    if blocksize <= 0:
+        raise ValueError(f"unsupported blocksize {blocksize!r}; valid values: positive integers")
+    if code.dtype != torch.float32 or code.numel() != 256:
+        raise ValueError(f"unsupported code {code.dtype}, {code.numel()} values; valid: 256 float32 values")
+    if offset is not None and (offset.dtype != torch.float32 or offset.numel() != 1):
+        raise ValueError(f"unsupported offset {offset.dtype}, {offset.numel()} values; valid: one float32")
+    global _calls
+    _calls += 1
+    if _fallback() or not _blockwise_is_bitsandbytes():
+        centred = A if offset is None else A - offset
+        return _bnb_op().quantize_blockwise.default(centred, code, blocksize)
+    return _blockwise(A, code, blocksize, offset)
+
+
+def _blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None):
+    lib = library()[0]
+    code = code.detach().cpu().contiguous()
+    key = code.numpy().tobytes()
+    if key not in _LUTS:
+        lut = torch.empty(1 << 16, dtype=torch.uint8)
+        lib.qload_blockwise_lut(code.data_ptr(), lut.data_ptr())
+        _LUTS[key] = lut
+    lut = _LUTS[key]
+    flat = A.detach().reshape(-1).contiguous()
+    n = flat.numel()
+    out = torch.empty(A.shape, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    off = 0.0 if offset is None else float(offset.item())  # float32 -> double -> float32: exact
+    step = max(_BLOCKWISE_CHUNK - _BLOCKWISE_CHUNK % blocksize, blocksize)
+    for start in range(0, n, step):
+        lib.qload_quantize_blockwise(
+            flat.data_ptr() + 4 * start, min(step, n - start), off, blocksize, lut.data_ptr(),
+            out.data_ptr() + start, absmax.data_ptr() + 4 * (start // blocksize),
+        )  # fmt: skip
+    return out, absmax
+
+
+@cache
+def _blockwise_is_bitsandbytes() -> bool:
+    """Whether the installed bitsandbytes quantizes blockwise as our kernel does (0.50's lookup table; its
+    earlier releases searched for the nearest code value, which differs next to every midpoint), tried once
+    per process on values on and around each midpoint of the dynamic code. Where not, its own op runs,
+    said once in the log."""
+    from bitsandbytes.functional import create_dynamic_map
+
+    code = create_dynamic_map()
+    mid = ((code[:-1] + code[1:]) / 2).sort().values
+    probe, down, up = [mid], mid, mid
+    for _ in range(8):
+        down, up = torch.nextafter(down, torch.tensor(-2.0)), torch.nextafter(up, torch.tensor(2.0))
+        probe += [down, up]
+    probe = torch.cat([torch.ones(1), torch.cat(probe)])  # absmax 1: each value scales to itself
+    ref = _bnb_op().quantize_blockwise.default(probe, code.clone(), 4096)  # a copy: old releases wrote into it
+    ours = _blockwise(probe, code, 4096, None)
+    same = torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    if not same:
+        import bitsandbytes
+
+        log.warning("bitsandbytes %s quantizes blockwise (double quantization) unlike qload's C kernel: "
+                    "using its own op there", bitsandbytes.__version__)  # fmt: skip
+    return same

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
+from bitsandbytes.functional import QuantState, create_dynamic_map, get_4bit_type, name2qmap
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
@@ -54,8 +54,10 @@ def _params4bit(module, placeholder: bnb.nn.Params4bit, w: torch.Tensor) -> bnb.
     code = get_4bit_type(placeholder.quant_type, device=w.device)
     common = dict(shape=w.shape, dtype=w.dtype, blocksize=placeholder.blocksize, code=code)
     if placeholder.compress_statistics:
+        # bitsandbytes: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256). The mean stays
+        # torch's (its bits follow torch's thread count); the rest is our kernel, same bytes, no centred copy.
         offset = absmax.mean()
-        qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+        qabsmax, state2 = _quantize_statistics(absmax, offset)
         state = QuantState(absmax=qabsmax, quant_type=placeholder.quant_type, offset=offset, state2=state2, **common)
     else:
         state = QuantState(absmax=absmax, quant_type=placeholder.quant_type, **common)
@@ -71,6 +73,18 @@ def _params4bit(module, placeholder: bnb.nn.Params4bit, w: torch.Tensor) -> bnb.
         quant_storage=placeholder.quant_storage,
         module=module,
         bnb_quantized=True,
+    )
+
+
+def _quantize_statistics(absmax: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, QuantState]:
+    """What `bitsandbytes.functional.quantize_blockwise(absmax - offset, blocksize=256)` returns on CPU: the 8-bit
+    codes and the nested state (its absmax, a copy of the dynamic code it quantized with)."""
+    if "dynamic" not in name2qmap:  # the table bitsandbytes' call would make and keep
+        name2qmap["dynamic"] = create_dynamic_map().to(absmax.device)
+    code = name2qmap["dynamic"]
+    qabsmax, absmax2 = kernels.quantize_blockwise(absmax, code, 256, offset)
+    return qabsmax, QuantState(
+        absmax=absmax2, code=code.to(absmax.device, copy=True), blocksize=256, dtype=absmax.dtype
     )
 
 

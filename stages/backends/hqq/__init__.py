@@ -1,8 +1,11 @@
 """HQQ (half-quadratic quantization), done by our streamer: transformers 5 cannot quantize with HQQ at load
 time (its `HqqHfQuantizer` has no quantize op), so each linear layer is quantized with hqq's own `HQQLinear`
-as soon as its weight (and bias) have streamed in, and the layer is swapped for it. transformers' quantizer
+as soon as its weight (and bias) have streamed in, and the layer is swapped for it. On a CPU, hqq's default
+path is run by `quantize.py`: the same ops on the same values, bit for bit, a few times faster and in less
+memory than `HQQLinear` itself. transformers' quantizer
 still tags the skeleton's layers with their settings (`preprocess_model`) and writes `quantization_config`,
-so `save_pretrained` writes an HQQ checkpoint transformers reads back.
+so `save_pretrained` writes an HQQ checkpoint, which our bounded streamer reads back (prequantized.py;
+transformers 5.24 cannot load it on a CPU).
 
 Sizes (for the device map and the plan): W_q packs `nbits` per weight (3 bits: ten values per int32); scale
 and zero are one value each per `group_size` weights, in the compute dtype, kept in the layer's `meta`, which
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.core.schema import HqqQuantConfig
-from stages.backends.base import Backend
+from stages.backends.base import Backend, BackendUnavailable
 
 
 def packed_bytes(numel: int, nbits: int, group_size: int, axis: int = 1) -> int:
@@ -85,6 +88,8 @@ class HqqBackend(Backend):
     ) -> dict[str, torch.Tensor]:
         from hqq.core.quantize import HQQLinear
 
+        from stages.backends.hqq.quantize import fast_settings, make_layer
+
         module_name, _, tensor = name.rpartition(".")
         module = model.get_submodule(module_name)
         if not self.is_quantized_module(module):  # a Linear the config skips (lm_head): placed as it is
@@ -95,13 +100,18 @@ class HqqBackend(Backend):
             missing.discard(name)
             return {}
         del self.pending[module_name]
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        linear.weight = torch.nn.Parameter(group["weight"], requires_grad=False)
-        if module.bias is not None:
-            linear.bias = torch.nn.Parameter(group["bias"], requires_grad=False)
-        layer = HQQLinear(
-            linear, module.quant_config, del_orig=True, compute_dtype=value.dtype, device=str(value.device)
-        )
+        if fast_settings(module.quant_config, str(value.device)) is not None:  # hqq's default path on a CPU
+            layer = make_layer(group["weight"], group.get("bias"), module.quant_config, value.dtype)
+        else:
+            linear = torch.nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+            )
+            linear.weight = torch.nn.Parameter(group["weight"], requires_grad=False)
+            if module.bias is not None:
+                linear.bias = torch.nn.Parameter(group["bias"], requires_grad=False)
+            layer = HQQLinear(
+                linear, module.quant_config, del_orig=True, compute_dtype=value.dtype, device=str(value.device)
+            )
         layer.name = getattr(module, "name", module_name)
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -109,3 +119,17 @@ class HqqBackend(Backend):
         missing.discard(f"{module_name}.weight")
         missing.discard(f"{module_name}.bias")
         return {}
+
+    def prequantized_groups(self, ctx: Any) -> Any:
+        from stages.backends.hqq.prequantized import PrequantizedGroups
+
+        return PrequantizedGroups(ctx)
+
+    def check_prequantized(self, ctx: Any) -> None:
+        """transformers' loader (stages/stream=transformers) cannot read an HQQ checkpoint: its HQQ quantizer has
+        no load operation, so every HQQ tensor would be skipped and every weight left random."""
+        raise BackendUnavailable(
+            f"{ctx.checkpoint.path}: a checkpoint pre-quantized with hqq, which transformers' loader cannot read "
+            "(its HQQ quantizer has no load operation: the weights would stay random); use stages/stream=bounded, "
+            "which reads it as saved"
+        )

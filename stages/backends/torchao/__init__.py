@@ -1,6 +1,7 @@
 """torchao: int8 weight-only, int8 dynamic-activation/int8-weight and float8 weight-only, through
 transformers' `TorchAoConfig` and its quantize op (torchao's `quantize_` on each linear layer as its weight
-arrives). Its int4 configs need CUDA or XPU in every packing format, so env_check refuses them on a CPU."""
+arrives). Its int4 configs need CUDA or XPU in every packing format, so env_check refuses them on a CPU.
+A checkpoint it saved is read as saved by prequantized.py (the quantizer's own deserialize op)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,13 @@ class TorchaoBackend(Backend):
         rows = (shape or tuple(param.shape))[0]
         scheme = getattr(self.quant, "config", None)
         return rows * (4 if scheme == TorchaoScheme.float8_weight_only else param.element_size())
+
+    def prequantized_groups(self, ctx: Any) -> Any:
+        from stages.backends.torchao.prequantized import PrequantizedGroups
+
+        return PrequantizedGroups(ctx)
+
+    def check_prequantized(self, ctx: Any) -> None:
+        from stages.backends.torchao.prequantized import stored_state
+
+        stored_state(ctx)  # dtype names in the metadata checked, every quantized weight stored
