@@ -37,12 +37,15 @@ def load_peak(record: dict) -> float:
 
 @pytest.fixture(scope="module")
 def sizes_sweep(tmp_path_factory, cache_dir) -> tuple[subprocess.CompletedProcess, dict[int, dict], Path]:
-    """Small, big (a ~400 MB fp16 checkpoint), small again: three jobs in one Hydra process."""
+    """Small, big (a ~400 MB fp16 checkpoint, ~800 MB loaded), small again: three jobs in one Hydra process.
+    fp32, so that every weight is converted into memory of the load's own: an fp16 load keeps its weights as
+    views of the mapped shards, which no page of the process holds until they are used."""
     sweep_dir = tmp_path_factory.mktemp("sizes") / "sweep"
     proc, records = sweep(
         sweep_dir,
         cache_dir,
         "quant=none",
+        "dtype=fp32",
         "model.architecture.intermediate_size=5632",
         "model.architecture.hidden_size=256,2048,256",
     )
