@@ -4,6 +4,7 @@
     python benchmarks/load.py --case 1.1b-nf4 1.1b-nf4_double 1.1b-fp4 1.1b-int8 --mode warm
     python benchmarks/load.py --case 7b-nf4_double 7b-int8 7b-none --pairs 1   # from_pretrained peaks at ~20 GB
     python benchmarks/load.py --model tinyllama_1_1b --quant torchao/int8_weight_only   # any model and quant
+    python benchmarks/load.py --model tinyllama_1_1b --quant cpu --mode warm --pairs 1  # every scheme a CPU runs
 
 The cases are issue #13's table (`--case`, see CASES). For each, ours (`python -m pipeline ...`) and the
 reference (this file run with `--child`: import torch and transformers, one `from_pretrained` with the
@@ -44,6 +45,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.helpers import TORCHAO_QUANTO_SCHEMES  # noqa: E402
+
 # The go-between: it times its child from start to exit and reads the child's peak RSS from the kernel.
 TIMED = (
     "import os, subprocess, sys, time; t = time.perf_counter(); p = subprocess.Popen(sys.argv[2:]); "
@@ -74,6 +77,10 @@ CASES = {
     "7b-int8": Case("llama2_7b", "int8"),
     "7b-none": Case("llama2_7b", "none", forward=True),
 }
+
+
+# every backend's schemes that quantize on a CPU (torchao int4 needs CUDA or XPU: env_check refuses it here)
+CPU = ("bnb/nf4", "bnb/nf4_double", "bnb/fp4", "bnb/int8", *TORCHAO_QUANTO_SCHEMES, "hqq/b4_g64", "hqq/b8_g64")
 
 
 def timed(args: list[str], env: dict[str, str], cwd: Path, workdir: Path) -> tuple[float, int, str]:
@@ -224,6 +231,7 @@ def quantize_rate(quant: str) -> float | None:
 
     w = torch.randn(11008, 4096, dtype=torch.float16) * 0.02
     t0 = time.perf_counter()
+    quant = quant.removeprefix("bnb/")
     if quant.startswith(("nf4", "fp4")):
         F.quantize_4bit(w, quant_type=quant[:3], compress_statistics=quant.endswith("double"))
     elif quant == "int8":
@@ -332,7 +340,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", nargs="+", choices=list(CASES), help="cases of issue #13's table (default: default)")
     p.add_argument("--model", help="a case of your own: this model (synthetic) with --quant, warm or cold")
-    p.add_argument("--quant", default="nf4_double", help="with --model")
+    p.add_argument(
+        "--quant", nargs="+", default=["nf4_double"], help=f"with --model: quant options, or 'cpu' ({' '.join(CPU)})"
+    )
     p.add_argument("--dtype", default="fp16", help="with --model")
     p.add_argument("--mode", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
     p.add_argument("--pairs", type=int, default=3)
@@ -347,8 +357,8 @@ def main() -> None:
     noise.quiet()  # this process imports transformers and bitsandbytes too (the reference's config, the rates)
 
     cases = {name: CASES[name] for name in a.case or ([] if a.model else ["default"])}
-    if a.model:
-        cases[f"{a.model}-{a.quant}"] = Case(a.model, a.quant, a.dtype)
+    for quant in CPU if a.quant == ["cpu"] else a.quant if a.model else []:
+        cases[f"{a.model}-{quant}"] = Case(a.model, quant, a.dtype)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, case in cases.items():

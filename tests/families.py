@@ -97,15 +97,3 @@ def logits(model) -> torch.Tensor:
     ids = torch.arange(3, 15).unsqueeze(0) % model.config.vocab_size
     with torch.no_grad():
         return model(ids).logits
-
-
-# the schemes transformers itself quantizes on a CPU besides bitsandbytes' (HQQ it cannot: tests/test_hqq.py)
-TORCHAO_QUANTO_SCHEMES = [
-    "torchao/int8_weight_only",
-    "torchao/int8_dynamic",
-    "torchao/float8_weight_only",
-    "quanto/int8",
-    "quanto/int4",
-    "quanto/int2",
-    "quanto/float8",
-]

@@ -34,6 +34,17 @@ ARCH = {
 }
 SYN = {"seed": 0, "dtype": "fp16", "shard_size": "60KB", "init_std": 0.02}
 
+# the schemes transformers itself quantizes on a CPU besides bitsandbytes' (HQQ it cannot: tests/test_hqq.py)
+TORCHAO_QUANTO_SCHEMES = [
+    "torchao/int8_weight_only",
+    "torchao/int8_dynamic",
+    "torchao/float8_weight_only",
+    "quanto/int8",
+    "quanto/int4",
+    "quanto/int2",
+    "quanto/float8",
+]
+
 
 # ---- the CLI in a child process ----
 

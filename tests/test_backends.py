@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import compose
 from stages import backends
-from tests.families import TORCHAO_QUANTO_SCHEMES, logits, save
-from tests.helpers import entry
+from tests.families import logits, save
+from tests.helpers import TORCHAO_QUANTO_SCHEMES, entry
 
 # quant option -> what transformers gets for it (built by the backend, so the test checks the streamer, not
 # the config translation, which test_backend_configs checks)

@@ -17,8 +17,7 @@ from pipeline.isolate import run_isolated
 from pipeline.plan.describe import gib
 from pipeline.plan.step import PLAN_KINDS
 from pipeline.runner import StageError
-from tests.families import TORCHAO_QUANTO_SCHEMES
-from tests.helpers import run_cli
+from tests.helpers import TORCHAO_QUANTO_SCHEMES, run_cli
 
 QUANTS = ["none", "nf4", "nf4_double", "fp4", "fp4_double", "int8"]
 # TinyLlama-1.1B's shapes at 2 of its 22 layers: its 32000 x 2048 embeddings (unquantized) next to 4-bit

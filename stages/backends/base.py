@@ -8,12 +8,14 @@ by env_check (`check_environment`) instead of failing at import.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 from transformers.quantizers.auto import AutoHfQuantizer
 
+from pipeline.checkpoints.checkpoint import CheckpointError
 from pipeline.core.placement import compact_names
 from pipeline.core.schema import QuantConfig
 
@@ -197,3 +199,25 @@ def quantized_on_disk(device_map: dict[str, Any], quantized: list[str]) -> list[
         for k, d in device_map.items()
         if d == "disk" and any(not k or q == k or q.startswith(k + ".") for q in quantized)
     ]
+
+
+def stored_per_layer(
+    ctx: Any, split: Callable[[str], tuple[str, str] | None], layers: list[str], need: set[str], what: str
+) -> dict[str, set[str]]:
+    """Per layer, the suffixes of the tensors a pre-quantized checkpoint's headers hold (`split` turns a key
+    into (layer, suffix), or None for a key that is not quantization state); raises, before any weight is read,
+    when one of `layers` lacks any of `need`: such a layer could only be loaded as garbage. `what` names the
+    state in the message ("their quantization state", "their HQQ tensors")."""
+    stored: dict[str, set[str]] = {}
+    for key in ctx.checkpoint.tensor_names:
+        if parts := split(key):
+            stored.setdefault(parts[0], set()).add(parts[1])
+    lacking = {n: sorted(gap) for n in sorted(layers) if (gap := need - stored.get(n, set()))}
+    if lacking:
+        layer, missing = next(iter(lacking.items()))
+        raise CheckpointError(
+            f"{ctx.checkpoint.path}: pre-quantized checkpoint: {len(lacking)} of {len(layers)} quantized layer(s) "
+            f"lack {what}, e.g. {layer} has no {', '.join(missing)} (each layer stores {', '.join(sorted(need))}); "
+            "the checkpoint is incomplete or its config.json quantization_config does not describe it"
+        )
+    return stored

@@ -12,8 +12,8 @@ from transformers.integrations.accelerate import get_device
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
-from pipeline.checkpoints.checkpoint import CheckpointError
 from pipeline.core.context import LoadContext
+from stages.backends.base import stored_per_layer
 
 
 def quant_state_names(quantizer: Any) -> set[str]:
@@ -50,22 +50,9 @@ def stored_state(ctx: LoadContext) -> dict[str, set[str]]:
     """Per module, the quantization tensors the shard headers hold; raises when a quantized layer of the model
     lacks any of its set: such a layer could only be loaded as garbage."""
     suffixes = _suffixes(ctx.quantizer)
-    stored: dict[str, set[str]] = {}
-    for key in ctx.checkpoint.tensor_names:
-        if split := split_key(key, suffixes):
-            stored.setdefault(split[0], set()).add(split[1])
-    need = quant_state_names(ctx.quantizer)
     layers = [n for n, m in ctx.model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
-    lacking = {n: sorted(gap) for n in layers if (gap := need - stored.get(n, set()))}
-    if lacking:
-        layer, missing = next(iter(lacking.items()))
-        raise CheckpointError(
-            f"{ctx.checkpoint.path}: pre-quantized checkpoint: {len(lacking)} of {len(layers)} quantized layer(s) "
-            f"lack their quantization state, e.g. {layer} has no {', '.join(missing)} (each layer stores "
-            f"{', '.join(sorted(need))}); the checkpoint is incomplete or its config.json quantization_config "
-            "does not describe it"
-        )
-    return stored
+    need = quant_state_names(ctx.quantizer)
+    return stored_per_layer(ctx, lambda key: split_key(key, suffixes), layers, need, "their quantization state")
 
 
 class PrequantizedGroups:

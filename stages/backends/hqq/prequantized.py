@@ -21,6 +21,7 @@ from transformers.integrations.accelerate import get_device
 
 from pipeline.checkpoints.checkpoint import CheckpointError
 from pipeline.core.context import LoadContext
+from stages.backends.base import stored_per_layer
 from stages.backends.hqq import packed_bytes
 
 # what HQQLinear.state_dict writes per layer (hqq/core/quantize.py state_dict_keys); bias only when it has one
@@ -76,22 +77,8 @@ def quantized_layers(ctx: LoadContext) -> list[str]:
 def stored_state(ctx: LoadContext) -> dict[str, set[str]]:
     """Per quantized layer, the HQQ tensors the shard headers hold; raises, before anything is read, when a
     layer lacks what it needs (it could only load as garbage)."""
-    layers = set(quantized_layers(ctx))
-    stored: dict[str, set[str]] = {}
-    for key in ctx.checkpoint.tensor_names:
-        split = _split(key)
-        if split and split[0] in layers:
-            stored.setdefault(split[0], set()).add(split[1])
-    lacking = {n: sorted(REQUIRED - stored.get(n, set())) for n in sorted(layers) if REQUIRED - stored.get(n, set())}
-    if lacking:
-        layer, missing = next(iter(lacking.items()))
-        raise CheckpointError(
-            f"{ctx.checkpoint.path}: pre-quantized HQQ checkpoint: {len(lacking)} of {len(layers)} quantized "
-            f"layer(s) lack their HQQ tensors, e.g. {layer} has no {', '.join(missing)} (each layer stores "
-            f"{', '.join(sorted(REQUIRED))}); the checkpoint is incomplete or its config.json quantization_config "
-            "does not describe it"
-        )
-    return stored
+    layers = quantized_layers(ctx)
+    return stored_per_layer(ctx, _split, layers, REQUIRED, "their HQQ tensors")
 
 
 def _text(t: torch.Tensor) -> str:
