@@ -106,6 +106,9 @@ def simulate(
     converters = [w for w in mapping if isinstance(w, WeightConverter)]
     out = Simulation()
     out.peak["cpu"] = base
+    # a tied weight (lm_head.weight -> model.embed_tokens.weight) shares its source's storage once postprocess ties
+    # it: it holds nothing of its own, whether the checkpoint has a copy of it or not
+    tied = {t for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items() if t != s and s in expected}
     # safetensors shards are mapped (tensors are views), pickle shards copied out (stages/stream/reader.py)
     mapped = ctx.checkpoint is None or ctx.checkpoint.format != checkpoint.PICKLE
     kernel_resident = 0
@@ -183,7 +186,7 @@ def simulate(
             out.largest_transient = (r.key, read + fuse + convert)
         out.resident[device] += stored
         out.quant_state[device] += state
-        out.held[device] += held
+        out.held[device] += 0 if target in tied else held
         if on_host and quantized and kind in kernels and not kernel_resident:
             kernel_resident = kernels[kind].resident_bytes
     # what no checkpoint holds (non-persistent buffers such as rotary tables) is made when the load finishes
@@ -193,7 +196,8 @@ def simulate(
             out.resident[device] += tensor.numel() * tensor.element_size()
             # made at the size the backend makes it (quanto's activation scales: float32 in an fp16 model)
             made = backend.footprint_bytes(model, quantizer, name, tensor) if quantizer is not None else None
-            out.held[device] += tensor.numel() * tensor.element_size() if made is None else made
+            size = tensor.numel() * tensor.element_size() if made is None else made
+            out.held[device] += 0 if name in tied else size
     for device in set(out.resident) - {"disk"}:
         held = out.resident[device] - out.mapped[device] + out.quant_state[device]
         out.peak[device] = max(out.peak[device], held)
