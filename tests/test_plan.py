@@ -24,7 +24,8 @@ QUANTS = ["none", "nf4", "nf4_double", "fp4", "fp4_double", "int8"]
 # TinyLlama-1.1B's shapes at 2 of its 22 layers: its 32000 x 2048 embeddings (unquantized) next to 4-bit
 # layers, a 440 MB checkpoint that loads in seconds
 MID = ["model=tinyllama_1_1b", "model.source=synthetic", "model.architecture.num_hidden_layers=2"]
-MODELS = {"tiny_llama": [], "tinyllama_1_1b_2l": MID, "tiny_llama_tied": ["model.architecture.tie_word_embeddings=true"]}
+TIED = ["model.architecture.tie_word_embeddings=true"]
+MODELS = {"tiny_llama": [], "tinyllama_1_1b_2l": MID, "tiny_llama_tied": TIED}
 # the mid-size model's twelve plan-and-load pairs take minutes: they run with the slow tests (CI runs both)
 MODEL_PARAMS = [pytest.param("tiny_llama"), pytest.param("tinyllama_1_1b_2l", marks=pytest.mark.slow)]
 TWO_GPUS = "device_map.max_memory={0: 24GiB, 1: 24GiB, cpu: 64GiB}"
