@@ -23,6 +23,7 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline import CONF_DIR, compose, guard, load
+from pipeline.checkpoints import checkpoint
 from pipeline.core.sizes import gib, parse_size
 from pipeline.report import study as study_report
 from pipeline.search import answer, space, study
@@ -324,6 +325,9 @@ def test_a_budget_nothing_fits_ends_naming_the_smallest_planned_held_memory(tmp_
 def test_a_torchao_int8_setting_that_truly_fits_is_loaded_not_pruned(tmp_path, cache_dir):
     """A budget between what torchao int8 really holds and the unquantized footprint (which torchao's footprint
     equals: its tensors report fp16): judged on the held memory by default, the setting is loaded."""
+    # built first: transformers' torchao quantizer reads the checkpoint's files in preprocess, so a plan of a
+    # model whose checkpoint is not yet in the cache fails there (IndexError in set_metadata)
+    checkpoint.locate(compose([f"cache_dir={cache_dir}"]).model, str(cache_dir))
     sweep_dir = tmp_path / "study"
     budget = "6MB"  # tiny_llama: fp16 8.0 MB; torchao int8 holds 5.1 MB of int8 data, scales and fp16 rest
     proc = run_cli(*_study_args(sweep_dir, cache_dir, "++hydra.sweeper.space={torchao/int8_weight_only: {}}",
