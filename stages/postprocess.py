@@ -8,6 +8,7 @@ from transformers.integrations.accelerate import accelerate_dispatch
 
 from pipeline.checkpoints.checkpoint import CheckpointError
 from pipeline.core.context import LoadContext
+from pipeline.core.held import held_bytes
 from stages.base import Stage
 
 
@@ -56,8 +57,12 @@ class Finalize(Stage):
             model.hf_quantizer = ctx.quantizer
             ctx.quantizer.postprocess_model(model)
         model.eval()
+        held = held_bytes(model)
         return {
             "footprint_bytes": model.get_memory_footprint(),
+            # measured, every tensor's storage (pipeline/core/held.py): what the plan's held_bytes predicts
+            "held_bytes_per_device": held,
+            "held_bytes": sum(held.values()),
             "unexpected_keys": unexpected[:20],
             "dispatch_hooks": dispatched,
         }

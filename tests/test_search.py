@@ -23,6 +23,7 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline import CONF_DIR, compose, guard, load
+from pipeline.checkpoints import checkpoint
 from pipeline.core.sizes import gib, parse_size
 from pipeline.report import study as study_report
 from pipeline.search import answer, space, study
@@ -296,7 +297,7 @@ def _record(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def test_a_budget_nothing_fits_ends_naming_the_smallest_planned_footprint(tmp_path, cache_dir):
+def test_a_budget_nothing_fits_ends_naming_the_smallest_planned_held_memory(tmp_path, cache_dir):
     sweep_dir = tmp_path / "study"
     space_arg = "++hydra.sweeper.space={none: {}, bnb/nf4: {}, torchao/int4_weight_only: {}}"  # int4: CUDA only
     proc = run_cli(*_study_args(sweep_dir, cache_dir, space_arg, "budget=1MB", "hydra.sweeper.n_trials=20"))
@@ -312,13 +313,33 @@ def test_a_budget_nothing_fits_ends_naming_the_smallest_planned_footprint(tmp_pa
     plans = {n: rec for n, rec in plans.items() if n not in refused}
     for rec in plans.values():
         assert rec["status"] == "planned" and "stream" not in [s["stage"] for s in rec["stages"]]
-    smallest = min(plans.items(), key=lambda kv: kv[1]["plan"]["footprint_bytes"])
-    assert f"nothing fits budget=1MB ({parse_size('1MB', 'budget')} bytes) on the planned footprint" in proc.stderr
-    assert f"the smallest planned footprint is {gib(smallest[1]['plan']['footprint_bytes'])} (trial {smallest[0]}" in (
+    smallest = min(plans.items(), key=lambda kv: kv[1]["plan"]["held_bytes"])
+    assert f"nothing fits budget=1MB ({parse_size('1MB', 'budget')} bytes) on the planned held memory" in proc.stderr
+    assert f"the smallest planned held memory is {gib(smallest[1]['plan']['held_bytes'])} (trial {smallest[0]}" in (
         proc.stderr
     )
     assert "quant=bnb/nf4" in proc.stderr.split("smallest")[1]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_torchao_int8_setting_that_truly_fits_is_loaded_not_pruned(tmp_path, cache_dir):
+    """A budget between what torchao int8 really holds and the unquantized footprint (which torchao's footprint
+    equals: its tensors report fp16): judged on the held memory by default, the setting is loaded."""
+    # built first: transformers' torchao quantizer reads the checkpoint's files in preprocess, so a plan of a
+    # model whose checkpoint is not yet in the cache fails there (IndexError in set_metadata)
+    checkpoint.locate(compose([f"cache_dir={cache_dir}"]).model, str(cache_dir))
+    sweep_dir = tmp_path / "study"
+    budget = "6MB"  # tiny_llama: fp16 8.0 MB; torchao int8 holds 5.1 MB of int8 data, scales and fp16 rest
+    proc = run_cli(*_study_args(sweep_dir, cache_dir, "++hydra.sweeper.space={torchao/int8_weight_only: {}}",
+                                f"budget={budget}", "hydra.sweeper.n_trials=1"), timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plan = _record(sweep_dir / "0" / "plan" / "run.json")["plan"]
+    limit = parse_size(budget, "budget")
+    assert plan["held_bytes"] <= limit < plan["footprint_bytes"]  # the footprint would have pruned it
+    trial = json.loads((sweep_dir / "0" / "trial.json").read_text())
+    assert trial["state"] == "complete" and trial["memory_bytes"] == plan["held_bytes"]
+    assert _record(sweep_dir / "0" / "run.json")["status"] == "ok"
+    assert "on the planned held memory" in proc.stdout + proc.stderr
 
 
 def _wait_for(path: Path, proc, timeout: float = 300) -> None:
@@ -369,9 +390,9 @@ def test_a_study_interrupted_in_a_load_resumes_and_its_answer_is_the_records(tmp
     assert reruns[0]["setting"] == held_trial["setting"] and reruns[0]["state"] == "complete"
     s = optuna.load_study(study_name="study", storage=f"sqlite:///{sweep_dir / 'study.db'}")
     assert s.trials[interrupted].state == TrialState.FAIL and s.trials[interrupted].user_attrs["interrupted"]
-    for t in s.get_trials(states=(TrialState.COMPLETE,)):  # two objectives: KL and the planned footprint in MiB
+    for t in s.get_trials(states=(TrialState.COMPLETE,)):  # two objectives: KL and the planned held memory in MiB
         plan = _record(sweep_dir / str(t.user_attrs.get("same_as", t.number)) / "plan" / "run.json")
-        assert t.values[1] == pytest.approx(plan["plan"]["footprint_bytes"] / 2**20, abs=1e-3)
+        assert t.values[1] == pytest.approx(plan["plan"]["held_bytes"] / 2**20, abs=1e-3)
 
     # the answer, checked against the records alone
     budget = parse_size("6MB", "budget")
@@ -379,10 +400,10 @@ def test_a_study_interrupted_in_a_load_resumes_and_its_answer_is_the_records(tmp
     for n, t in trials.items():
         plan, loaded = _record(sweep_dir / str(n) / "plan" / "run.json"), _record(sweep_dir / str(n) / "run.json")
         if t["state"] == "pruned" and t.get("same_as") is None:
-            assert plan["plan"]["footprint_bytes"] > budget and loaded is None
+            assert plan["plan"]["held_bytes"] > budget and loaded is None
             assert "stream" not in [s["stage"] for s in plan["stages"]]
         if t["state"] == "complete" and t.get("same_as") is None:
-            assert plan["plan"]["footprint_bytes"] <= budget and loaded["status"] == "ok"
+            assert plan["plan"]["held_bytes"] <= budget and loaded["status"] == "ok"
             kl[n] = next(s["facts"]["kl_mean"] for s in loaded["stages"] if s["stage"] == "verify")
     assert {trials[n]["setting"][0] for n in kl} == {"quant=bnb/nf4", "quant=bnb/int8"}
     assert any(t["state"] == "pruned" and t["setting"] == ["quant=none"] for t in trials.values())
@@ -411,7 +432,7 @@ def test_a_study_interrupted_in_a_load_resumes_and_its_answer_is_the_records(tmp
 
 @pytest.mark.slow
 def test_fit_budget_on_smollm2_finds_the_lowest_kl_that_fits_200mb(tmp_path):
-    """The acceptance study: SmolLM2-135M, 200 MB of footprint, 12 trials (the real cache: the packaged
+    """The acceptance study: SmolLM2-135M, 200 MB of held memory, 12 trials (the real cache: the packaged
     checkpoint and its reference are built once)."""
     sweep_dir = tmp_path / "study"
     started = time.monotonic()
@@ -429,13 +450,15 @@ def test_fit_budget_on_smollm2_finds_the_lowest_kl_that_fits_200mb(tmp_path):
             continue
         plan = _record(folder / "plan" / "run.json")
         if t["state"] == "pruned":
-            assert plan["plan"]["footprint_bytes"] > budget and not (folder / "run.json").exists()
+            assert plan["plan"]["held_bytes"] > budget and not (folder / "run.json").exists()
             assert "stream" not in [s["stage"] for s in plan["stages"]]
         else:
-            assert t["state"] == "complete" and plan["plan"]["footprint_bytes"] <= budget
+            assert t["state"] == "complete" and plan["plan"]["held_bytes"] <= budget
             loaded = _record(folder / "run.json")
             kl[t["number"]] = next(s["facts"]["kl_mean"] for s in loaded["stages"] if s["stage"] == "verify")
-    assert any(t["state"] == "pruned" for t in trials) and kl
+    # judged on the held memory only quant=none (256.6 MiB) is over 200 MB, and the seeded study may not ask for it:
+    # pruning itself is checked by the tiny studies above
+    assert kl
     chosen = int(re.search(r"best that fits: trial (\d+)", proc.stdout)[1])
     assert kl[chosen] == min(kl.values())
     print(f"fit_budget on SmolLM2: {len(trials)} trials in {wall:.0f} s, chosen trial {chosen}")

@@ -51,6 +51,8 @@ def describe(f: dict[str, Any]) -> str:
         f"  footprint           {gib(f['footprint_bytes'])} (as get_memory_footprint() will count it), plus "
         f"{gib(f['quant_state_bytes'])} of quantization state (absmax, scales) it does not count",
         "  per device          " + ", ".join(f"{d} {gib(b)}" for d, b in f["per_device_bytes"].items()),
+        f"  holds in memory     {gib(f['held_bytes'])} (every tensor's real storage: quantized data and its state), "
+        + ", ".join(f"{d} {gib(b)}" for d, b in f["held_bytes_per_device"].items()),
         f"  largest layer       {layer['names']} ({gib(layer['bytes'])}{' each' if layer['count'] > 1 else ''})",
         f"  unquantized         {gib(un['bytes'])}: {named or 'none'}",
     ]

@@ -28,6 +28,8 @@ GPU_SIZES_GIB = (24, 40, 80)
 SUMMARY = (
     "footprint_bytes",
     "quant_state_bytes",
+    "held_bytes",
+    "held_bytes_per_device",
     "predicted_peak_bytes",
     "per_device_bytes",
     "predicted_peak_bytes_per_device",
@@ -82,6 +84,11 @@ class Plan:
             "footprint_bytes": int(module_sizes[""]),
             "quant_state_bytes": int(sum(load.quant_state.values())),
             "per_device_bytes": {d: int(b) for d, b in per_device.items() if b},
+            # what the loaded model really holds (every tensor's storage: quantized data and its state), from the
+            # backend's own size model; the footprint above counts torchao's and quanto's weights at their
+            # logical dtype and leaves bitsandbytes' and HQQ's state out
+            "held_bytes": int(sum(load.held.values())),
+            "held_bytes_per_device": {d: int(b) for d, b in load.held.items() if b},
             "device_map": ctx.device_map,
             "largest_layer": largest_layer(model, module_sizes),
             "unquantized": unquantized,

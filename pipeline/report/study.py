@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.search.answer import best, pareto, quality_key
+from pipeline.search.settings import BudgetOn
 from pipeline.search.trial import TRIAL_JSON, read_trials
 
 STUDY_CSV, STUDY_PNG = "study.csv", "study.png"
@@ -43,13 +44,18 @@ def short(setting: list[str]) -> str:
     return " ".join(s.removeprefix("quant=").removeprefix("quant.") for s in setting)
 
 
+def label(on: str) -> str:
+    """A study's `budget_on` as messages name it (studies run before `held` existed say `footprint`)."""
+    return BudgetOn(on).label if on in {b.value for b in BudgetOn} else on
+
+
 def _mib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**20, 1)
 
 
 def table(trials: list[dict[str, Any]], key: str | None) -> list[list[str]]:
     on = trials[0]["budget"]["on"] if trials else "footprint"
-    head = ["trial", "state", "setting", f"planned {on} MiB", *([key] if key else []), "note"]
+    head = ["trial", "state", "setting", f"planned {label(on)} MiB", *([key] if key else []), "note"]
     rows = [head]
     for t in trials:
         value = (t.get("values") or {}).get(key) if key else None
@@ -143,7 +149,7 @@ def plot(path: Path, trials: list[dict[str, Any]], key: str, chosen: dict[str, A
     if budget.get("bytes") is not None:
         xs.append(budget["bytes"] / 2**20)
     ax.set_xlim(0, max(xs, default=1) * 1.08)  # from zero: memory is compared by ratio; the pruned row included
-    ax.set_xlabel(f"planned {budget.get('on', 'footprint')} (MiB)")
+    ax.set_xlabel(f"planned {label(budget.get('on', 'footprint'))} (MiB)")
     ax.set_ylabel(LABELS.get(key, key))
     ax.grid(alpha=0.3)
     ax.set_ylim(top=ax.get_ylim()[1] * (1.6 if ax.get_yscale() == "log" else 1.12))  # room for the pruned row
@@ -196,7 +202,7 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, Pa
         f"\n{len(trials)} trial(s): {counts['complete']} loaded, {counts['pruned']} pruned by plan, "
         f"{counts['failed']} failed, {counts['interrupted']} interrupted, {repeats} repeat(s) of an earlier "
         "setting (answered by it, nothing run); "
-        + (f"budget={budget['text']} on the planned {budget['on']}" if budget.get("text") else "no budget")
+        + (f"budget={budget['text']} on the planned {label(budget['on'])}" if budget.get("text") else "no budget")
     )
     if chosen is None:
         print("no setting tried fits the budget: nothing was loaded")
@@ -204,7 +210,7 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> dict[str, Pa
     differing = command_check(chosen, sweep_dir)
     print(
         f"best that fits: trial {chosen['number']}, {' '.join(chosen['setting'])}: {key} "
-        f"{chosen['values'][key]:.4g}, planned {chosen['budget']['on']} {_mib(chosen['memory_bytes']):.1f} MiB"
+        f"{chosen['values'][key]:.4g}, planned {label(chosen['budget']['on'])} {_mib(chosen['memory_bytes']):.1f} MiB"
     )
     print(f"load it: {chosen['command']}")
     if differing:

@@ -39,8 +39,18 @@ MAXIMIZED = {Objective.top1_agreement}
 class BudgetOn(str, Enum):
     """Which planned figure `budget=` limits (the plan's, pipeline/plan/step.py)."""
 
-    footprint = "footprint"  # the model's bytes as get_memory_footprint() counts them (quantization state not)
+    # the bytes the loaded model holds (the plan's held_bytes): every tensor's real storage, quantized data and its
+    # state, all devices together
+    held = "held"
     peak = "peak"  # the predicted peak of the load, on the device where it is highest (RSS on a CPU)
+    # the model's bytes as get_memory_footprint() counts them: torchao's and quanto's weights at their logical
+    # dtype (an int8 weight at 2 bytes in fp16), bitsandbytes' and HQQ's state left out
+    footprint = "footprint"
+
+    @property
+    def label(self) -> str:
+        """How the figure is named in messages: 'planned held memory 155.3 MiB'."""
+        return "held memory" if self == BudgetOn.held else self.value
 
 
 class Sampler(str, Enum):
@@ -58,7 +68,7 @@ class SearchSettings:
     n_trials: int = 12
     # what each trial is scored on, in order; two (a quality figure and memory) give a Pareto front
     objectives: list[Objective] = field(default_factory=lambda: [Objective.kl_mean])
-    budget_on: BudgetOn = BudgetOn.footprint
+    budget_on: BudgetOn = BudgetOn.held
     sampler: Sampler = Sampler.tpe
     seed: int = 0
     # TPE: trials sampled at random before it models the results (Optuna's default is 10)

@@ -6,7 +6,8 @@ process with its own records. Per trial:
 
 1. Optuna suggests a setting from the space (`pipeline.search.space`). One an earlier trial already
    answered is answered the same way, without running anything (`same_as` in its trial.json).
-2. The plan job (`plan=true`, `<n>/plan/`) predicts its footprint and peak without reading a weight.
+2. The plan job (`plan=true`, `<n>/plan/`) predicts its footprint, the memory the model will hold
+   and its peak without reading a weight.
 3. Over the budget: pruned, with the planned figures. Else the load job (`<n>/`) loads it and runs the
    verify stage, whose figure Optuna is told.
 
@@ -291,7 +292,7 @@ class BudgetSearch:
         if chosen is not None:
             print(
                 f"\nbest that fits: trial {chosen['number']}, {' '.join(chosen['setting'])}: {key} "
-                f"{chosen['values'][key]:.4g}, planned {self.budget.on.value} {size(chosen['memory_bytes'])} "
+                f"{chosen['values'][key]:.4g}, planned {self.budget.on.label} {size(chosen['memory_bytes'])} "
                 f"({counts[COMPLETE]} loaded, {counts[PRUNED]} pruned by plan, {counts[FAILED]} failed, "
                 f"{repeats} repeat(s) answered by an earlier trial)\n"
                 f"load it: {chosen['command']}\n"
@@ -309,7 +310,7 @@ class BudgetSearch:
         if chosen is None and small is not None:
             raise SearchError(
                 f"error: nothing fits {self.budget.describe()}: every one of {counts[PRUNED]} planned setting(s) "
-                f"is over; the smallest planned {self.budget.on.value} is {size(small['memory_bytes'])} (trial "
+                f"is over; the smallest planned {self.budget.on.label} is {size(small['memory_bytes'])} (trial "
                 f"{small['number']}: {' '.join(small['setting'])}). Fix: budget= at least that, or add smaller "
                 f"settings to hydra.sweeper.space" + (f"\nalso: {failures}" if failures else "") + f"\nreport: {report}"
             )
@@ -339,7 +340,7 @@ def job_arguments(arguments: list[str]) -> list[str]:
 
 def trial_line(number: int, setting: list[str], verdict: Verdict, budget: Budget) -> str:
     """One line per finished trial."""
-    memory = f"planned {budget.on.value} {size(verdict.memory_bytes)}" if verdict.memory_bytes is not None else ""
+    memory = f"planned {budget.on.label} {size(verdict.memory_bytes)}" if verdict.memory_bytes is not None else ""
     if verdict.state == COMPLETE:
         values = ", ".join(f"{k} {v:.4g}" for k, v in verdict.values.items())
         what = f"{values}; {memory}" + (f" ({verdict.reason})" if verdict.reason else "")

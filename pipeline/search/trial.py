@@ -33,7 +33,7 @@ class Budget:
     def describe(self) -> str:
         if self.bytes is None:
             return "no budget"
-        return f"budget={self.text} ({size(self.bytes)}) on the planned {self.on.value}"
+        return f"budget={self.text} ({size(self.bytes)}) on the planned {self.on.label}"
 
 
 @dataclass
@@ -54,9 +54,18 @@ def size(n: int) -> str:
 
 
 def planned_memory(plan: dict[str, Any], on: BudgetOn) -> int:
-    """The planned figure a budget limits: the footprint, or the highest predicted peak over the devices."""
+    """The planned figure a budget limits: the memory the loaded model holds (all devices together, as the
+    footprint; each device's own room is `device_map.max_memory`'s), the footprint, or the highest predicted
+    peak over the devices."""
     if on == BudgetOn.footprint:
         return int(plan["footprint_bytes"])
+    if on == BudgetOn.held:
+        if plan.get("held_bytes") is None:
+            raise ValueError(
+                "this plan record has no held_bytes (it was planned before the plan counted them): plan it again, "
+                "or judge it with hydra.sweeper.budget_on=footprint"
+            )
+        return int(plan["held_bytes"])
     peaks = plan.get("predicted_peak_bytes_per_device") or {"cpu": plan["predicted_peak_bytes"]}
     return int(max(peaks.values()))
 
@@ -89,7 +98,7 @@ def judge_plan(folder: Path, budget: Budget) -> Verdict:
         verdict.reason = f"does not fit device_map.max_memory: {gib(plan.get('over_bytes') or 0)} over (planned)"
     elif budget.bytes is not None and memory > budget.bytes:
         verdict.state = PRUNED
-        verdict.reason = f"planned {budget.on.value} {size(memory)} > budget={budget.text} ({size(budget.bytes)})"
+        verdict.reason = f"planned {budget.on.label} {size(memory)} > budget={budget.text} ({size(budget.bytes)})"
     return verdict
 
 

@@ -115,6 +115,13 @@ class Backend:
         """Bytes the quantized weight `name` takes in `get_memory_footprint`."""
         return int(numel * quantizer.param_element_size(model, name, param))
 
+    def held_bytes(self, model: Any, quantizer: Any, name: str, param: Any, numel: int) -> int:
+        """Bytes the quantized weight `name` really holds once loaded: the storage of its quantized data plus its
+        quantization state (pipeline/core/held.py measures the same after a load). By default the stored form is
+        counted at its real size (bitsandbytes, HQQ) and the state beside it is what `quant_state_bytes` adds; a
+        backend whose tensors report a logical dtype (torchao, quanto) says what its inner tensors take."""
+        return self.stored_bytes(model, quantizer, name, param, numel) + self.quant_state_bytes(param, numel)
+
     def footprint_bytes(self, model: Any, quantizer: Any, name: str, param: Any) -> int:
         """Bytes `get_memory_footprint` will count for parameter or buffer `name` once loaded."""
         return int(param.numel() * quantizer.param_element_size(model, name, param))

@@ -53,6 +53,8 @@ class Simulation:
     resident: Counter = field(default_factory=Counter)
     mapped: Counter = field(default_factory=Counter)  # of resident: views of the shards, not in the RSS
     quant_state: Counter = field(default_factory=Counter)
+    # what each device really holds once loaded: every tensor's storage, quantized data and its state
+    held: Counter = field(default_factory=Counter)
     peak: Counter = field(default_factory=Counter)
     peak_at: str = ""
     largest_transient: tuple[str, int] = ("", 0)
@@ -104,6 +106,9 @@ def simulate(
     converters = [w for w in mapping if isinstance(w, WeightConverter)]
     out = Simulation()
     out.peak["cpu"] = base
+    # a tied weight (lm_head.weight -> model.embed_tokens.weight) shares its source's storage once postprocess ties
+    # it: it holds nothing of its own, whether the checkpoint has a copy of it or not
+    tied = {t for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items() if t != s and s in expected}
     # safetensors shards are mapped (tensors are views), pickle shards copied out (stages/stream/reader.py)
     mapped = ctx.checkpoint is None or ctx.checkpoint.format != checkpoint.PICKLE
     kernel_resident = 0
@@ -145,6 +150,7 @@ def simulate(
         if quantized:
             stored = backend.stored_bytes(model, quantizer, target, param, r.numel)
             state = backend.quant_state_bytes(param, r.numel)
+            held = backend.held_bytes(model, quantizer, target, param, r.numel)
             kind = backend.kernel_kind(param)
             # cast to the compute dtype and moved to the device first: a copy unless both already match
             convert = stored + state + (r.numel * compute_itemsize if r.dtype != dtype or not on_host else 0)
@@ -160,6 +166,7 @@ def simulate(
             target_dtype = param.dtype if (param.is_floating_point() and r.dtype is not None) else r.dtype
             stored = r.numel * (param.element_size() if target_dtype is param.dtype else r.itemsize)
             state = 0
+            held = stored
             # on the CPU in its own dtype, the tensor as read becomes the parameter: nothing new is allocated;
             # from a mapped shard it is a view nothing reads, so not even its pages come in
             convert = 0 if (on_host and target_dtype == r.dtype) else stored
@@ -179,12 +186,18 @@ def simulate(
             out.largest_transient = (r.key, read + fuse + convert)
         out.resident[device] += stored
         out.quant_state[device] += state
+        out.held[device] += 0 if target in tied else held
         if on_host and quantized and kind in kernels and not kernel_resident:
             kernel_resident = kernels[kind].resident_bytes
     # what no checkpoint holds (non-persistent buffers such as rotary tables) is made when the load finishes
     for name, tensor in expected.items():
         if name not in seen:
-            out.resident[str(device_of(device_map, name.rpartition(".")[0]))] += tensor.numel() * tensor.element_size()
+            device = str(device_of(device_map, name.rpartition(".")[0]))
+            out.resident[device] += tensor.numel() * tensor.element_size()
+            # made at the size the backend makes it (quanto's activation scales: float32 in an fp16 model)
+            made = backend.footprint_bytes(model, quantizer, name, tensor) if quantizer is not None else None
+            size = tensor.numel() * tensor.element_size() if made is None else made
+            out.held[device] += 0 if name in tied else size
     for device in set(out.resident) - {"disk"}:
         held = out.resident[device] - out.mapped[device] + out.quant_state[device]
         out.peak[device] = max(out.peak[device], held)

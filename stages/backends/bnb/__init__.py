@@ -78,12 +78,13 @@ class BnbBackend(Backend):
         return type(module).__module__.startswith("bitsandbytes")
 
     def quant_state_bytes(self, param: Any, numel: int, shape: tuple[int, ...] | None = None) -> int:
-        """absmax per block (4-bit; 8-bit absmax plus a second-level state when double-quantized), the
-        16-entry code, or int8's per-row scale."""
+        """absmax per block (4-bit: float32; double-quantized: uint8 plus the second-level state, a float32
+        absmax per 256 blocks, its offset and its own 256-entry float32 code), the 16-entry code, or int8's
+        per-row scale."""
         if hasattr(param, "blocksize") and hasattr(param, "compress_statistics"):
             blocks = -(-numel // param.blocksize)
             if param.compress_statistics:
-                return blocks + 4 * -(-blocks // 256) + 4 + 64
+                return blocks + 4 * -(-blocks // 256) + 4 + 4 * 256 + 64
             return 4 * blocks + 64
         if type(param).__name__ == "Int8Params":
             return 4 * param.shape[0]

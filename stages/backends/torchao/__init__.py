@@ -67,10 +67,22 @@ class TorchaoBackend(Backend):
         return param.numel() * param.element_size()
 
     def quant_state_bytes(self, param: Any, numel: int, shape: tuple[int, ...] | None = None) -> int:
-        """One scale per output row (int8 in the compute dtype, float8 in float32)."""
+        """Per output row: int8's float32 scale and int8 zero point (torchao's Int8Tensor), float8's float32
+        scale (Float8Tensor); int4's scale and zero per group, in bfloat16."""
         rows = (shape or tuple(param.shape))[0]
         scheme = getattr(self.quant, "config", None)
-        return rows * (4 if scheme == TorchaoScheme.float8_weight_only else param.element_size())
+        if scheme == TorchaoScheme.float8_weight_only:
+            return rows * 4
+        if scheme == TorchaoScheme.int4_weight_only:
+            return 2 * 2 * -(-numel // (self.quant.group_size or 128))
+        return rows * (4 + 1)
+
+    def held_bytes(self, model: Any, quantizer: Any, name: str, param: Any, numel: int) -> int:
+        """The inner tensors (`qdata` and its state): one byte a weight for int8 and float8, half for int4 (an
+        estimate: int4 runs on CUDA only, so no load here measures it), plus `quant_state_bytes`."""
+        scheme = getattr(self.quant, "config", None)
+        data = -(-numel // 2) if scheme == TorchaoScheme.int4_weight_only else numel
+        return data + self.quant_state_bytes(param, numel)
 
     def prequantized_groups(self, ctx: Any) -> Any:
         from stages.backends.torchao.prequantized import PrequantizedGroups
