@@ -41,8 +41,9 @@ class MetaSkeleton(Stage):
 
     def __call__(self, ctx: LoadContext) -> dict[str, Any]:
         config = copy.deepcopy(ctx.require("model_config", self.kind))
-        # a plan may have no checkpoint here: the skeleton comes from the architecture alone
-        files = [str(f) for f in ctx.checkpoint.files] if ctx.checkpoint else []
+        # a plan may have no checkpoint here: the skeleton comes from the architecture alone, and the quantizer
+        # gets None, not [] (torchao's reads the first file's metadata of any list it is given)
+        files = [str(f) for f in ctx.checkpoint.files] if ctx.checkpoint else None
         config.name_or_path = str(ctx.checkpoint.path) if ctx.checkpoint else ctx.cfg.model.hub_id or ctx.cfg.model.name
         cls = causal_lm_class(config, ctx.cfg.model.trust_remote_code)
         with ContextManagers(cls.get_init_context(ctx.dtype, ctx.quantizer is not None, False, None)):

@@ -191,6 +191,15 @@ def test_hub_model_without_a_local_copy_is_planned_offline(load, monkeypatch):
         load("model=llama2_7b", "quant=nf4_double")  # a load still needs the weights
 
 
+@pytest.mark.parametrize("quant", ["torchao/int8_weight_only", "quanto/int4", "hqq/b4_g64", "bnb/nf4_double"])
+def test_every_backend_plans_a_model_whose_weights_are_not_here(load, quant):
+    """No checkpoint: the quantizer gets no files (torchao's once read the first of an empty list)."""
+    _, record, _ = load("plan=true", "model=llama2_70b", f"quant={quant}")
+    facts = plan_of(record)
+    assert record["checkpoint"] is None and facts["architecture_from"] == "model YAML"
+    assert 0 < facts["held_bytes"] < 70e9 * 2  # every linear layer quantized: less than the fp16 model
+
+
 THREE_GPUS = "device_map.max_memory={0: 24GiB, 1: 24GiB, 2: 24GiB, cpu: 64GiB}"
 
 
