@@ -21,7 +21,8 @@ every run the checkpoint is read into the page cache. Per run:
 - gen: with a case's `forward`, one forward pass after the load (a one-token greedy generation from the same
   ids, both), since a tensor mapped from the file is only read when it is first used; it is in `whole` too
 
-`--mode warm`: the user's own HOME and TMPDIR, after one untimed run of each (compile caches filled);
+`--mode warm`: the user's own HOME and TMPDIR, after one untimed run of ours (its kernel cache filled; the
+reference reads a local folder and compiles nothing);
 `--mode cold`: a fresh, empty HOME and TMPDIR for every run, as a first run on a new machine (no inductor
 cache, no Hugging Face cache); the checkpoint still comes from `--cache`, except in the default case, which
 runs `python -m pipeline` with no flags at all and so builds its tiny checkpoint in the fresh HOME, as a first
@@ -242,7 +243,7 @@ def quantize_rate(quant: str) -> float | None:
 
 
 def bench(name: str, case: Case, mode: str, pairs: int, cache: str, extra: list[str], tmp: Path) -> dict:
-    """`pairs` alternating runs of ours and the reference (after one untimed run of each when warm); medians."""
+    """`pairs` alternating runs of ours and the reference (after one untimed run of ours when warm); medians."""
     from pipeline import compose
     from pipeline.checkpoints import checkpoint
 
@@ -250,10 +251,9 @@ def bench(name: str, case: Case, mode: str, pairs: int, cache: str, extra: list[
     ckpt = checkpoint.scan(checkpoint.locate(cfg.model, cache))
     spec = reference_spec(case, ckpt.path)
     rows: dict[str, list[dict]] = {"ours": [], "from_pretrained": []}
-    if mode == "warm":
+    if mode == "warm":  # fills our kernel cache; the reference reads a local folder and has no cache to fill
         warm(ckpt.files)
         ours(case, cache, environment(False, tmp), tmp, extra)
-        theirs(spec, environment(False, tmp), tmp)
     for i in range(pairs):
         warm(ckpt.files)
         rows["ours"].append(ours(case, cache, environment(mode == "cold", tmp), tmp, extra))
