@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -70,7 +71,9 @@ def run_cli(
 
 def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`python -m pipeline ARGS` started in a session of its own, so that a signal can go to its whole process
-    group; output piped as text."""
+    group, with Ctrl-C's default action, as a terminal's foreground job has it (a test run started in the
+    background by a non-interactive shell, or under nohup, inherits SIGINT ignored, and so would the CLI and its
+    load: the Ctrl-C tests would wait forever); output piped as text."""
     return subprocess.Popen(
         pipeline_cmd(*args),
         cwd=REPO,
@@ -79,6 +82,7 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
