@@ -18,6 +18,12 @@ def _options(folder: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml") if not is_schema_option(p.stem))
 
 
+def every_option(quant_dir: Path) -> list[str]:
+    """Every quant option: conf/quant/<option>.yaml and conf/quant/<backend>/<scheme>.yaml, schemas left out."""
+    found = [p.relative_to(quant_dir).with_suffix("").as_posix() for p in quant_dir.rglob("*.yaml")]
+    return sorted(o for o in found if not is_schema_option(o.rpartition("/")[2]))
+
+
 def backends(quant_dir: Path) -> list[str]:
     """The backends a `quant=<backend>/<scheme>` may name: the folders of conf/quant/."""
     return sorted(p.name for p in quant_dir.iterdir() if p.is_dir() and _options(p))

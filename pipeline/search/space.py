@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.core.schema import quant_schema
+from pipeline.quant_options import every_option
 
 OPTION = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)?$")
 KEY = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -93,19 +94,12 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def quant_options(conf_dir: Path) -> list[str]:
-    """Every quant option: conf/quant/<option>.yaml and conf/quant/<backend>/<scheme>.yaml, schemas left out."""
-    folder = conf_dir / "quant"
-    found = [p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")]
-    return sorted(o for o in found if o.rpartition("/")[2] != "schema")
-
-
 def check_untrusted(space: Any, conf_dir: Path, where: str) -> None:
     """What can be checked without composing (the guard's part): a mapping of existing quant options to
     mappings of plain keys to lists of plain values (strings, numbers, booleans, null)."""
     if not isinstance(space, dict):
         raise SpaceError(f"{where}={space!r}: expected a mapping of quant options to their hyperparameters")
-    valid = quant_options(conf_dir)
+    valid = every_option(conf_dir / "quant")
     for option, params in space.items():
         if not isinstance(option, str) or not OPTION.match(option) or option not in valid:
             raise SpaceError(f"{where}.{option}: not a quant option; valid: {', '.join(valid)}")
