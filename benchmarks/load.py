@@ -5,10 +5,12 @@
     python benchmarks/load.py --case 7b-nf4_double 7b-int8 7b-none --pairs 1   # from_pretrained peaks at ~20 GB
     python benchmarks/load.py --model tinyllama_1_1b --quant torchao/int8_weight_only   # any model and quant
     python benchmarks/load.py --model tinyllama_1_1b --quant cpu --mode warm --pairs 1  # every scheme a CPU runs
+    python benchmarks/load.py --device cuda --model tinyllama_1_1b --quant nf4_double int8 none --mode warm
 
 The cases are issue #13's table (`--case`, see CASES). For each, ours (`python -m pipeline ...`) and the
 reference (this file run with `--child`: import torch and transformers, one `from_pretrained` with the
-quantization config our pipeline builds, the same dtype, `device_map="cpu"`) run alternately, each as a fresh
+quantization config our pipeline builds, the same dtype, `device_map="cpu"`; with `--device cuda`, ours
+`device_map=sequential` and theirs `device_map="cuda"`, both onto GPU 0) run alternately, each as a fresh
 process started by a small go-between that times it and reads its peak RSS from the kernel (`wait4`, what
 `/usr/bin/time -v` reports; a child of this process would inherit this process's high-water mark). Before
 every run the checkpoint is read into the page cache. Per run:
@@ -18,6 +20,8 @@ every run the checkpoint is read into the page cache. Per run:
   every stage); the reference's is the `from_pretrained` call alone
 - whole - stream: ours, the whole command less its stream stage (reading and quantizing the weights,
   loading or compiling the kernel): the start-up, setup and the records around the load
+- gpu peak: with `--device cuda`, the most GPU memory allocated (ours: the highest stage's
+  `cuda_max_allocated_mb` of GPU 0; theirs: `torch.cuda.max_memory_allocated()` after the load)
 - gen: with a case's `forward`, one forward pass after the load (a one-token greedy generation from the same
   ids, both), since a tensor mapped from the file is only read when it is first used; it is in `whole` too
 
@@ -40,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +70,7 @@ class Case:
     dtype: str = "fp16"
     forward: bool = False  # also one forward pass after the load, in both
     default: bool = False  # ours is `python -m pipeline` with no flags (tiny_llama, nf4, everything default)
+    device: str = "cpu"  # or "cuda": both load onto GPU 0
 
 
 CASES = {
@@ -123,7 +128,7 @@ def ours(case: Case, cache: str, env: dict[str, str], workdir: Path, extra: list
             f"quant={case.quant}",
             f"dtype={case.dtype}",
             f"cache_dir={cache}",
-            "device_map=cpu",
+            "device_map=cpu" if case.device == "cpu" else "device_map=sequential",
             "stages.stream.progress=false",
             f"hydra.run.dir={workdir / f'ours-{time.time_ns()}'}",
             *extra,
@@ -139,6 +144,9 @@ def ours(case: Case, cache: str, env: dict[str, str], workdir: Path, extra: list
         "load_s": rec["total"]["wall_s"],
         "outside_stream_s": wall - next(e["metrics"]["wall_s"] for e in rec["stages"] if e["stage"] == "stream"),
         "gen_s": (rec.get("generation") or {}).get("wall_s"),
+        "gpu_peak": max((e["metrics"]["cuda_max_allocated_mb"].get("0", 0) for e in rec["stages"]), default=0) * 2**20
+        if case.device == "cuda"
+        else None,
         "peak": peak,
         # when the stream stage starts: every library imported, no weight read
         "rss_before": next(e["metrics"]["rss_start_mb"] for e in rec["stages"] if e["stage"] == "stream") * 2**20,
@@ -167,6 +175,7 @@ def reference_spec(case: Case, path: Path) -> dict:
         "quantization_config": q.to_dict() if q is not None else None,
         "hqq": {k: quant[k] for k in ("nbits", "group_size", "axis")} if hqq else None,
         "forward": case.forward,
+        "device": case.device,
     }
 
 
@@ -181,7 +190,8 @@ def child(spec: dict) -> None:
     q = AutoQuantizationConfig.from_dict(spec["quantization_config"]) if spec["quantization_config"] else None
     before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(spec["path"], quantization_config=q, dtype=dtype, device_map="cpu")
+    device = spec["device"]
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], quantization_config=q, dtype=dtype, device_map=device)
     if spec["hqq"]:
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
@@ -189,17 +199,21 @@ def child(spec: dict) -> None:
         for name, module in list(model.named_modules()):
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 parent, _, leaf = name.rpartition(".")
-                layer = HQQLinear(module, settings, del_orig=True, compute_dtype=dtype, device="cpu")
+                layer = HQQLinear(module, settings, del_orig=True, compute_dtype=dtype, device=device)
                 setattr(model.get_submodule(parent), leaf, layer)
+    if device == "cuda":
+        torch.cuda.synchronize()
     load = time.perf_counter() - t0
     gen = None
     if spec["forward"]:
-        ids = torch.tensor([[b % model.config.vocab_size for b in PROMPT.encode()]])
+        ids = torch.tensor([[b % model.config.vocab_size for b in PROMPT.encode()]], device=device)
         t1 = time.perf_counter()
         with torch.no_grad():
             model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
         gen = time.perf_counter() - t1
-    print(json.dumps({"load_s": load, "gen_s": gen, "rss_before": before, "footprint": model.get_memory_footprint()}))
+    gpu_peak = torch.cuda.max_memory_allocated(0) if device == "cuda" else None
+    facts = {"load_s": load, "gen_s": gen, "rss_before": before, "footprint": model.get_memory_footprint()}
+    print(json.dumps(facts | {"gpu_peak": gpu_peak}))
 
 
 def warm(files: list[Path]) -> None:
@@ -294,6 +308,8 @@ def report(results: list[dict], pairs: int) -> None:
         "theirs peak GB",
         "peak ratio",
     ]
+    gpu = any(r["ours"]["gpu_peak"] is not None for r in results)
+    head += ["ours GPU peak GB", "theirs GPU peak GB"] if gpu else []
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in results:
@@ -314,17 +330,25 @@ def report(results: list[dict], pairs: int) -> None:
             cell(t["peak"] / 1e9),
             cell(o["peak"] / t["peak"], 3),
         ]
+        if gpu:
+            row += [cell((o["gpu_peak"] or 0) / 1e9), cell((t["gpu_peak"] or 0) / 1e9)]
         print("| " + " | ".join(row) + " |")
     print()
     for r in results:
         o, t = r["ours"], r["from_pretrained"]
         if o["footprint"] < 0.1e9:
             continue  # a tiny model's footprint is smaller than the allocator's noise: no bound to check
-        bound = 1.15 * o["footprint"] + o["rss_before"]
-        print(
-            f"{r['case']} {r['mode']}: peak RSS bound 1.15 x footprint + RSS before load = {bound / 1e9:.2f} GB; "
-            f"ours {o['peak'] / 1e9:.2f} GB ({'within' if o['peak'] <= bound else 'OVER'})"
-        )
+        if o["gpu_peak"] is not None:  # the weights are on the GPU: its peak against the footprint
+            print(
+                f"{r['case']} {r['mode']}: GPU peak {o['gpu_peak'] / 1e9:.2f} GB (from_pretrained "
+                f"{t['gpu_peak'] / 1e9:.2f} GB), footprint {o['footprint'] / 1e9:.2f} GB"
+            )
+        else:
+            bound = 1.15 * o["footprint"] + o["rss_before"]
+            print(
+                f"{r['case']} {r['mode']}: peak RSS bound 1.15 x footprint + RSS before load = {bound / 1e9:.2f} GB; "
+                f"ours {o['peak'] / 1e9:.2f} GB ({'within' if o['peak'] <= bound else 'OVER'})"
+            )
         if abs(o["footprint"] - t["footprint"]) > 0.01 * t["footprint"]:
             print(f"  warning: footprints differ: ours {o['footprint']} vs from_pretrained {t['footprint']}")
     by = {(r["case"], r["mode"]): r["ours"]["whole_s"] for r in results}
@@ -344,6 +368,7 @@ def main() -> None:
         "--quant", nargs="+", default=["nf4_double"], help=f"with --model: quant options, or 'cpu' ({' '.join(CPU)})"
     )
     p.add_argument("--dtype", default="fp16", help="with --model")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both loads place the model")
     p.add_argument("--mode", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--cache", default=os.environ.get("QLOAD_CACHE", str(Path.home() / ".cache" / "qload")))
@@ -357,8 +382,13 @@ def main() -> None:
     noise.quiet()  # this process imports transformers and bitsandbytes too (the reference's config, the rates)
 
     cases = {name: CASES[name] for name in a.case or ([] if a.model else ["default"])}
+    if a.device == "cuda":
+        if any(c.default for c in cases.values()):
+            p.error("--device cuda: the default case runs `python -m pipeline` with no flags; name --model or --case")
+        cases = {f"{name} cuda": replace(c, device="cuda") for name, c in cases.items()}
     for quant in CPU if a.quant == ["cpu"] else a.quant if a.model else []:
-        cases[f"{a.model}-{quant}"] = Case(a.model, quant, a.dtype)
+        where = " cuda" if a.device == "cuda" else ""
+        cases[f"{a.model}-{quant}{where}"] = Case(a.model, quant, a.dtype, device=a.device)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, case in cases.items():
