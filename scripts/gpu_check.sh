@@ -2,6 +2,8 @@
 # The checks that need a CUDA GPU, in one run of a few minutes (CI has no GPU, so they run where one is lent):
 #   scripts/gpu_check.sh            # every step; logs and records under $OUT (default: a fresh temp folder)
 #   QLOAD_GPU_STEPS="tests loads" scripts/gpu_check.sh    # some of: info tests loads bench suite
+# and, to fit a short lease: QLOAD_GPU_QUANTS (loads: a comma list), QLOAD_BENCH_QUANTS (bench: a space list),
+# QLOAD_SUITE_ARGS (suite: test files or -k ...), QLOAD_SUITE_TIMEOUT (seconds, default 200)
 # 1. tests: the requires_cuda tests (a bitsandbytes load onto cuda byte-identical to from_pretrained's; every
 #    stage records its GPU peaks)
 # 2. loads: `python -m pipeline` on tiny_llama onto the GPU, one job per backend scheme (a -m sweep), and the
@@ -47,6 +49,7 @@ if has loads; then
   step "loads: tiny_llama onto the GPU, every backend"
   quants=bnb/nf4,bnb/nf4_double,bnb/fp4,bnb/int8,none,torchao/int4_weight_only,torchao/int8_weight_only
   quants+=,torchao/float8_weight_only,quanto/int8,quanto/int4,hqq/b4_g64
+  quants=${QLOAD_GPU_QUANTS:-$quants}
   timeout 300 $PY -m pipeline -m "quant=$quants" device_map=auto hydra.sweep.dir="$OUT/loads" \
     hydra.sweep.subdir='${hydra.job.num}' 2>&1 | tee "$OUT/loads.log"
   $PY -m pipeline.report "$OUT/loads" 2>&1 | tee -a "$OUT/loads.log"
@@ -55,7 +58,7 @@ fi
 
 if has bench; then
   step "bench: the 1.1B shape onto the GPU, ours against from_pretrained"
-  timeout 300 $PY benchmarks/load.py --device cuda --model tinyllama_1_1b --quant nf4_double int8 none \
+  timeout 300 $PY benchmarks/load.py --device cuda --model tinyllama_1_1b --quant ${QLOAD_BENCH_QUANTS:-nf4_double int8 none} \
     --mode warm --pairs 1 --cache "$QLOAD_CACHE" 2>&1 | tee "$OUT/bench.log"
 fi
 
@@ -73,7 +76,7 @@ if has suite; then
       --ignore=tests/test_sweeps.py --ignore=tests/test_slurm.py)
   # -v: each test's outcome as it ends, so a run cut short by the timeout still says what passed and failed
   timeout "${QLOAD_SUITE_TIMEOUT:-200}" $PY -m pytest -v -p no:cacheprovider "${xdist[@]}" "${ignore[@]}" \
-    >"$OUT/suite.log" 2>&1
+    ${QLOAD_SUITE_ARGS:-} >"$OUT/suite.log" 2>&1
   grep -E "FAILED|ERROR|passed|failed" "$OUT/suite.log" | tail -40
 fi
 echo; echo "=== done ($(date +%T)); logs in $OUT"

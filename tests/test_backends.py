@@ -136,3 +136,32 @@ def test_quanto_says_it_cannot_save(load, tmp_path):
     assert not (tmp_path / "saved" / "model.safetensors").exists()
     for name, cls in backends.BACKENDS.items():
         assert (cls.cannot_save is None) == (name != "quanto"), name
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mslk", "says"),
+    [
+        (False, True, "packs int4 weights for CUDA or XPU kernels only"),
+        (True, False, "quantizes on CUDA with the mslk package's kernels, which is not installed: pip install mslk"),
+        (True, True, None),
+    ],
+)
+def test_torchao_int4_is_refused_where_its_kernels_are_missing(monkeypatch, cuda, mslk, says):
+    """int4 needs a GPU, and on CUDA torchao's default packing needs the mslk package (on an H200 without it,
+    torchao raised 'Requires mslk >= 1.0.0' mid-stream): env_check says so before any weight is read."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "mslk" and mslk else find_spec(n, *a)
+    )
+    quant = OmegaConf.to_object(compose(["quant=torchao/int4_weight_only"])).quant
+    backend = backends.for_quant(quant)
+    reason = backend.cannot_run(SimpleNamespace(cfg=SimpleNamespace(quant=quant)))
+    assert reason == says if says is None else says in reason, reason
+    other = OmegaConf.to_object(compose(["quant=torchao/int8_weight_only"])).quant
+    assert backend.cannot_run(SimpleNamespace(cfg=SimpleNamespace(quant=other))) is None

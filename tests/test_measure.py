@@ -44,3 +44,44 @@ def test_cpu_time_counts_every_thread():
     cpu, threads = map(float, out.split())
     assert threads > 0.1
     assert cpu >= 0.95 * threads
+
+
+def test_a_gpu_not_used_yet_has_no_peak_to_reset(monkeypatch):
+    """On a GPU machine, before CUDA's first use, torch refuses to reset a peak ('Invalid device argument': every
+    load on an H200 failed so). A stand-in for torch.cuda that refuses as torch does: a block before CUDA's first
+    use resets nothing and reads 0; once initialized, each GPU's peak is reset and read."""
+    import torch
+
+    from pipeline.core.measure import track
+
+    class Cuda:
+        initialized, resets = False, []
+
+        def is_available(self):
+            return True
+
+        def is_initialized(self):
+            return self.initialized
+
+        def device_count(self):
+            return 2
+
+        def reset_peak_memory_stats(self, i):
+            if not self.initialized:
+                raise RuntimeError("Invalid device argument")
+            self.resets.append(i)
+
+        def max_memory_allocated(self, i):
+            return 2**20 * self.initialized
+
+        max_memory_reserved = max_memory_allocated
+
+    cuda = Cuda()
+    monkeypatch.setattr(torch, "cuda", cuda)
+    with track() as m:
+        pass
+    assert cuda.resets == [] and m.cuda_max_allocated_mb == {"0": 0.0, "1": 0.0}
+    cuda.initialized = True
+    with track() as m:
+        pass
+    assert cuda.resets == [0, 1] and m.cuda_max_reserved_mb == {"0": 1.0, "1": 1.0}

@@ -99,7 +99,7 @@ def track() -> Iterator[Metrics]:
     """Measure the enclosed block; the yielded Metrics is filled in when the block ends (also on error)."""
     m = Metrics()
     cuda = _cuda()
-    if cuda:
+    if cuda and cuda.is_initialized():  # before CUDA's first use there is no peak to reset (and torch refuses)
         for i in range(cuda.device_count()):
             cuda.reset_peak_memory_stats(i)
     try:

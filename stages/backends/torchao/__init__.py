@@ -1,10 +1,13 @@
 """torchao: int8 weight-only, int8 dynamic-activation/int8-weight and float8 weight-only, through
 transformers' `TorchAoConfig` and its quantize op (torchao's `quantize_` on each linear layer as its weight
-arrives). Its int4 configs need CUDA or XPU in every packing format, so env_check refuses them on a CPU.
+arrives). Its int4 configs need CUDA or XPU in every packing format, so env_check refuses them on a CPU; on
+CUDA, int4's default (plain) packing quantizes with the `mslk` package's kernels, so env_check refuses it where
+that is not installed (seen on an H200: torchao otherwise raises "Requires mslk >= 1.0.0" in the stream stage).
 A checkpoint it saved is read as saved by prequantized.py (the quantizer's own deserialize op)."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -44,11 +47,18 @@ class TorchaoBackend(Backend):
 
     def cannot_run(self, ctx: Any) -> str | None:
         quant = ctx.cfg.quant
-        if getattr(quant, "config", None) == TorchaoScheme.int4_weight_only and not torch.cuda.is_available():
+        if getattr(quant, "config", None) != TorchaoScheme.int4_weight_only:
+            return None
+        if not torch.cuda.is_available():
             return (
                 "torchao's Int4WeightOnlyConfig packs int4 weights for CUDA or XPU kernels only (every packing "
                 "format fails on a CPU), and IntxWeightOnlyConfig int4 stores int8, saving nothing; use "
                 "quant=torchao/int8_weight_only, or 4 bits with quant=hqq/b4_g64, quant=quanto/int4 or quant=nf4"
+            )
+        if importlib.util.find_spec("mslk") is None:
+            return (
+                "torchao's Int4WeightOnlyConfig quantizes on CUDA with the mslk package's kernels, which is not "
+                "installed: pip install mslk, or 4 bits with quant=nf4, quant=hqq/b4_g64 or quant=quanto/int4"
             )
         return None
 
