@@ -22,11 +22,13 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def load(cache_dir, tmp_path):
-    """load(*overrides) -> (model, record, run_dir): the pipeline on the CPU, records under tmp_path."""
+    """load(*overrides) -> (model, record, run_dir): the pipeline on the CPU (`device_map=cpu` unless an override
+    names a policy: on a GPU machine `auto` would place the model on the GPU), records under tmp_path."""
     counter = iter(range(1000))
 
     def _load(*overrides: str):
-        cfg = compose([f"cache_dir={cache_dir}", "stages.stream.progress=false", *overrides])
+        cpu = [] if any(o.startswith("device_map=") for o in overrides) else ["device_map=cpu"]
+        cfg = compose([f"cache_dir={cache_dir}", "stages.stream.progress=false", *cpu, *overrides])
         run_dir = tmp_path / f"run{next(counter)}"
         model, record = run(cfg, run_dir)
         return model, record, run_dir
