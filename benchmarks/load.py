@@ -22,6 +22,8 @@ every run the checkpoint is read into the page cache. Per run:
   loading or compiling the kernel): the start-up, setup and the records around the load
 - gpu peak: with `--device cuda`, the most GPU memory allocated (ours: the highest stage's
   `cuda_max_allocated_mb` of GPU 0; theirs: `torch.cuda.max_memory_allocated()` after the load)
+- private: the private (anonymous) memory at the end (RSS less its file-backed and shared pages), after the
+  forward pass when there is one: a tensor kept as a view of a mapped shard is a file page, not private
 - gen: with a case's `forward`, one forward pass after the load (a one-token greedy generation from the same
   ids, both), since a tensor mapped from the file is only read when it is first used; it is in `whole` too
 
@@ -148,6 +150,8 @@ def ours(case: Case, cache: str, env: dict[str, str], workdir: Path, extra: list
         if case.device == "cuda"
         else None,
         "peak": peak,
+        # private memory at the end: after the forward pass when there is one, else after the last stage
+        "anon": (rec.get("generation") or rec["stages"][-1]["metrics"])["rss_anon_end_mb"] * 2**20,
         # when the stream stage starts: every library imported, no weight read
         "rss_before": next(e["metrics"]["rss_start_mb"] for e in rec["stages"] if e["stage"] == "stream") * 2**20,
         "footprint": rec["footprint_bytes"],
@@ -212,7 +216,9 @@ def child(spec: dict) -> None:
             model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
         gen = time.perf_counter() - t1
     gpu_peak = torch.cuda.max_memory_allocated(0) if device == "cuda" else None
+    info = psutil.Process().memory_info()  # private memory at the end, as ours records it (Linux: rss - shared)
     facts = {"load_s": load, "gen_s": gen, "rss_before": before, "footprint": model.get_memory_footprint()}
+    facts["anon"] = info.rss - info.shared
     print(json.dumps(facts | {"gpu_peak": gpu_peak}))
 
 
@@ -307,6 +313,8 @@ def report(results: list[dict], pairs: int) -> None:
         "ours peak GB",
         "theirs peak GB",
         "peak ratio",
+        "ours private GB",
+        "theirs private GB",
     ]
     gpu = any(r["ours"]["gpu_peak"] is not None for r in results)
     head += ["ours GPU peak GB", "theirs GPU peak GB"] if gpu else []
@@ -329,6 +337,8 @@ def report(results: list[dict], pairs: int) -> None:
             cell(o["peak"] / 1e9),
             cell(t["peak"] / 1e9),
             cell(o["peak"] / t["peak"], 3),
+            cell(o["anon"] / 1e9),
+            cell(t["anon"] / 1e9),
         ]
         if gpu:
             row += [cell((o["gpu_peak"] or 0) / 1e9), cell((t["gpu_peak"] or 0) / 1e9)]

@@ -28,6 +28,9 @@ class Metrics:
     rss_start_mb: float = 0.0
     rss_peak_mb: float = 0.0
     rss_end_mb: float = 0.0
+    # of rss_end_mb, the private (anonymous) memory: not the file pages a view of a mapped shard reads, which the
+    # page cache shares and can reclaim (None where the OS does not say)
+    rss_anon_end_mb: float | None = None
     # per CUDA device index, reset at the start of the block; empty without a GPU
     cuda_max_allocated_mb: dict[str, float] = field(default_factory=dict)
     cuda_max_reserved_mb: dict[str, float] = field(default_factory=dict)
@@ -38,6 +41,13 @@ class Metrics:
 
 def _mb(n: float) -> float:
     return round(n / 2**20, 1)
+
+
+def rss_anon_bytes() -> int | None:
+    """The process's private resident memory: RSS less its file-backed and shared pages (Linux; else None)."""
+    info = psutil.Process().memory_info()
+    shared = getattr(info, "shared", None)
+    return None if shared is None else info.rss - shared
 
 
 def ru_maxrss_bytes() -> int:
@@ -114,6 +124,8 @@ def track() -> Iterator[Metrics]:
     finally:
         m.rss_peak_mb = _mb(rss.peak)
         m.rss_end_mb = _mb(psutil.Process().memory_info().rss)
+        anon = rss_anon_bytes()
+        m.rss_anon_end_mb = None if anon is None else _mb(anon)
         cuda = cuda or _cuda()  # a block that imported torch: its peaks since then are the block's
         if cuda:
             for i in range(cuda.device_count()):
