@@ -70,7 +70,7 @@ def test_a_failed_run_shows_its_status_and_error(load, tmp_path, capsys):
     failed = rows(tmp_path / "report.csv")[1]
     assert failed["model"] == "llama2_7b" and failed["status"] == "failed"
     assert failed["error"].startswith("CheckpointError: model=llama2_7b")
-    assert failed["footprint MB"] == ""
+    assert failed["footprint MB"] == failed["held MB"] == ""
     recorded = json.loads((tmp_path / "run1" / "run.json").read_text())
     assert float(failed["config_merge s"]) == entry(recorded, "config_merge")["metrics"]["wall_s"]
     assert "failed" in capsys.readouterr().out

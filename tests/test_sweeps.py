@@ -25,7 +25,7 @@ from pipeline.replay import replay
 from pipeline.report.runs import find_runs, label_runs, summarize
 from pipeline.report.table import main as report_main
 from pipeline.search.settings import SWEEPER_TARGET
-from tests.helpers import sweep
+from tests.helpers import entry, sweep
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 LAUNCHERS = sorted(p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
@@ -85,6 +85,7 @@ def test_report_of_a_sweep_writes_a_row_per_job_markdown_and_plots(sizes_sweep, 
             assert float(row[f"{stage['stage']} MB"]) == stage["metrics"]["rss_peak_mb"]
         assert float(row["process peak MB"]) == rec["total"]["ru_maxrss_mb"]
         assert float(row["footprint MB"]) == round(rec["footprint_bytes"] / 2**20, 1)
+        assert float(row["held MB"]) == round(entry(rec, "postprocess")["facts"]["held_bytes"] / 2**20, 1)
     md = (tmp_path / "report.md").read_text()
     assert md.count("\n| ") == 4  # the header and three runs
     for png in ("report_stage_times.png", "report_memory.png"):

@@ -33,7 +33,8 @@ class RunSummary:
     start_mb: float | None = None  # RSS when the first stage began: the interpreter and its libraries
     total_s: float | None = None
     process_peak_mb: float | None = None  # the kernel's ru_maxrss of the load process, verify included
-    footprint_mb: float | None = None
+    footprint_mb: float | None = None  # as get_memory_footprint() counts it (torchao, quanto: at the logical dtype)
+    held_mb: float | None = None  # measured: every storage the loaded model holds (pipeline/core/held.py)
     quality: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     slurm: dict[str, Any] = field(default_factory=dict)  # a cluster job's ids, node, allocation, how Slurm ended it
@@ -128,6 +129,8 @@ def summarize(path: Path) -> RunSummary:
             run.stage_peak_mb[name] = m["rss_peak_mb"]
         if m.get("cuda_max_allocated_mb"):
             run.stage_gpu_mb[name] = max(m["cuda_max_allocated_mb"].values())
+        if name == "postprocess" and (stage.get("facts") or {}).get("held_bytes") is not None:
+            run.held_mb = round(stage["facts"]["held_bytes"] / 2**20, 1)
         if name == QUALITY_STAGE:
             facts = stage.get("facts") or {}
             run.quality = {

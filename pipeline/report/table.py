@@ -2,8 +2,9 @@
 
 PATH is a run folder or any folder above run folders (a sweep, `runs/`); every folder holding a run.json
 is a run. One row per run: the settings that differ between the runs, status, per-stage wall time and peak
-RSS, load time and peak, the load process's peak as the kernel kept it, the model's footprint, and the
-quality figures a `verify` stage recorded. Writes `report.csv`, `report.md` and the plots (see
+RSS, load time and peak, the load process's peak as the kernel kept it, the model's footprint (as
+`get_memory_footprint()` counts it) and what it holds (every storage, measured: torchao's and quanto's weights at
+their real size), and the quality figures a `verify` stage recorded. Writes `report.csv`, `report.md` and the plots (see
 `pipeline.report.plots`) into the runs' common folder, or into `--out`. A budget search's sweep folder also
 gets its study report (`pipeline.report.study`): the trials, the best setting that fits and its command.
 """
@@ -68,7 +69,10 @@ def columns(runs: list[RunSummary], differing: list[str]) -> list[Column]:
     if has_gpu:
         cols += [Column("load GPU peak MB", lambda r: r.load_gpu_mb, "{:.0f}")]
         cols += [Column(f"{s} GPU MB", lambda r, s=s: r.stage_gpu_mb.get(s), "{:.0f}") for s in stages]
-    cols += [Column("footprint MB", lambda r: r.footprint_mb, "{:.1f}")]
+    cols += [
+        Column("footprint MB", lambda r: r.footprint_mb, "{:.1f}"),
+        Column("held MB", lambda r: r.held_mb, "{:.1f}"),
+    ]
     cols += [Column(q, lambda r, q=q: r.quality.get(q), "{:.4g}") for q in quality]
     if any(r.error for r in runs):
         cols += [Column("error", lambda r: r.error.splitlines()[0] if r.error else None, "{:.100}")]
