@@ -12,12 +12,18 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import check_conf_dir, cluster, guard
 from pipeline.core import schema
-from pipeline.isolate import EXIT_INTERRUPTED, JobFailed, run_isolated
+from pipeline.isolate import EXIT_INTERRUPTED, run_isolated
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job's load failed. Raised rather than `sys.exit`: Hydra's launchers record an exception as
+    the job's failure and run the other jobs, then exit non-zero; a SystemExit would end the whole sweep."""
 
 
 def check_command_line() -> None:

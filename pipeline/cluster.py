@@ -245,7 +245,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf, open_dict
 
-    from pipeline.isolate import JobFailed
+    from pipeline.cli import JobFailed
 
     config = launcher.config
     params = dict(launcher.params)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from pipeline import startup
@@ -51,11 +50,6 @@ DIRECT_BELOW_MB = 150.0
 
 def _maxrss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-class JobFailed(CompactHydraException):
-    """A sweep job's load failed. Raised rather than `sys.exit`: Hydra's launchers record an exception as
-    the job's failure and run the other jobs, then exit non-zero; a SystemExit would end the whole sweep."""
 
 
 class LoadFailed(RuntimeError):
