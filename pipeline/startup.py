@@ -18,26 +18,17 @@ never in a caller's process (`pipeline.load()` without `isolate`).
   and the model object by object took 2-3 s unfrozen and still 0.2-0.6 s frozen, for memory the OS takes
   back at once. The exit handlers still run first, as at a normal exit (logging's flush, inductor's compile
   workers, temporary folders, multiprocessing's own), and the streams are flushed.
-
-One more step is safe in any process, as it changes nothing once its block ends: `compile_on_first_call`.
-bitsandbytes decorates a few functions with `torch.compile` at its import (`backends/default/ops.py`, the CPU
-forward's and generic quantize's helpers, which our load never calls), and `torch.compile` imports torch._dynamo
-and torch._inductor on the spot: ~0.85 s of the import's ~0.9 s on the 2-core machine. Inside the block, a
-function given to `torch.compile` is compiled by the real `torch.compile`, with the same options, at its first
-call instead; a module or any other callable is compiled at once, as before.
 """
 
 from __future__ import annotations
 
 import atexit
-import functools
 import gc
-import inspect
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import NoReturn
 
 # quant.backend of the load -> the libraries transformers would import at its own import that this load does
 # not use. quant=none hides nothing (a checkpoint saved quantized may need any of them), nor does hqq, whose own
@@ -79,37 +70,3 @@ def exit_without_teardown(status: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
-
-
-@contextmanager
-def compile_on_first_call() -> Iterator[None]:
-    """Inside the block, `torch.compile(fn, **options)` of a function (also as a decorator, with or without
-    options) returns a stand-in that compiles `fn` with the real `torch.compile(fn, **options)` at its first call
-    and from then on calls what that returned (see the module docstring); `torch.compile` is restored after."""
-    import torch
-
-    real = torch.compile
-
-    def deferred(model: Any = None, **options: Any) -> Any:
-        if model is None:  # @torch.compile(dynamic=False): the decorator
-            return functools.partial(deferred, **options)
-        if not inspect.isfunction(model):  # a module, a bound method, ...: as before
-            return real(model, **options)
-        compiled: Callable | None = None
-
-        @functools.wraps(model)
-        def first_call(*args: Any, **kwargs: Any) -> Any:
-            nonlocal compiled
-            if torch.compiler.is_compiling():  # traced by an outer compile, which inlines a compiled function
-                return model(*args, **kwargs)
-            if compiled is None:
-                compiled = real(model, **options)
-            return compiled(*args, **kwargs)
-
-        return first_call
-
-    torch.compile = deferred
-    try:
-        yield
-    finally:
-        torch.compile = real

@@ -1,11 +1,12 @@
-"""pipeline/startup.py: `compile_on_first_call`, the stand-in for `torch.compile` while bitsandbytes is imported."""
+"""pipeline/core/lazy_compile.py: `torch.compile` deferred to each function's first call while bitsandbytes is
+imported."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline import startup
+from pipeline.core.lazy_compile import compile_on_first_call
 from tests.helpers import run_python
 
 
@@ -30,7 +31,7 @@ def test_a_function_is_compiled_at_its_first_call_with_the_same_options(monkeypa
     calls: list = []
     monkeypatch.setattr(torch, "compile", fake_compile(calls))
     real = torch.compile
-    with startup.compile_on_first_call():
+    with compile_on_first_call():
         assert torch.compile is not real
         plain = torch.compile(double)
         with_options = torch.compile(double, dynamic=False, mode="max-autotune")
@@ -61,7 +62,7 @@ def test_a_module_is_compiled_at_once_and_torch_compile_is_restored_after_an_err
     monkeypatch.setattr(torch, "compile", fake_compile(calls))
     real = torch.compile
     module = torch.nn.Linear(2, 2)
-    with pytest.raises(RuntimeError, match="an import failed"), startup.compile_on_first_call():
+    with pytest.raises(RuntimeError, match="an import failed"), compile_on_first_call():
         assert torch.compile(module, backend="eager") is module
         raise RuntimeError("an import failed")
     assert calls == [(module, {"backend": "eager"})] and torch.compile is real
@@ -75,9 +76,9 @@ def test_bitsandbytes_imports_without_inductor_and_its_ops_still_compile():
         """
         import sys
         import torch
-        from pipeline import startup
+        from pipeline.core.lazy_compile import compile_on_first_call
 
-        with startup.compile_on_first_call():
+        with compile_on_first_call():
             import bitsandbytes
         print("inductor at import:", "torch._inductor.compile_fx" in sys.modules)
         from bitsandbytes.backends.default import ops
@@ -95,3 +96,26 @@ def test_bitsandbytes_imports_without_inductor_and_its_ops_still_compile():
     assert "inductor at import: False" in out
     assert "same result: True" in out
     assert "graphs compiled: 1 by inductor: 1" in out
+
+
+def test_a_stand_in_first_called_inside_an_outer_compile_is_traced_into_it():
+    """As an outer torch.compile traces into a function compiled with the real torch.compile: one graph, no
+    break, the same result; the stand-in compiles at its first call outside."""
+    out = run_python(
+        """
+        import torch
+        from pipeline.core.lazy_compile import compile_on_first_call
+
+        def inner(x):
+            return torch.sin(x) * 2
+
+        with compile_on_first_call():
+            lazy = torch.compile(inner, backend="eager")
+        real = torch.compile(inner, backend="eager")
+        outer_lazy = torch.compile(lambda x: lazy(x) + 1, backend="eager", fullgraph=True)
+        outer_real = torch.compile(lambda x: real(x) + 1, backend="eager", fullgraph=True)
+        x = torch.randn(8)
+        print("same:", torch.equal(outer_lazy(x), outer_real(x)), torch.equal(lazy(x), inner(x)))
+        """
+    )
+    assert "same: True True" in out
