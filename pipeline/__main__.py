@@ -9,6 +9,12 @@ generation failed, 4 a run record could not be written (disk full, out of memory
 # Everything under the guard (the work itself is in pipeline/cli.py): multiprocessing's spawn starts each load
 # process by importing this module again, as `__mp_main__`, and that import must cost the load nothing.
 if __name__ == "__main__":
+    import sys
+
+    from pipeline import startup
+
+    startup.start_early(sys.argv[1:])  # the load process imports torch while this one composes (startup.py)
+
     import hydra
     from omegaconf import DictConfig
 
