@@ -6,67 +6,26 @@ generation failed, 4 a run record could not be written (disk full, out of memory
 128+N the load was killed by signal N (137: SIGKILL, e.g. the OOM killer).
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline import CONF_DIR, check_conf_dir, cluster, guard
-from pipeline.core import schema
-from pipeline.isolate import EXIT_INTERRUPTED, JobFailed, run_isolated
-
-schema.register()
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    hydra_cfg = HydraConfig.get()
-    out_dir = Path(hydra_cfg.runtime.output_dir)
-    job_logging = OmegaConf.to_container(hydra_cfg.job_logging, resolve=True) if hydra_cfg.job_logging else None
-    outcome = run_isolated(cfg, out_dir, job_logging=job_logging, extra=cluster.job_facts())
-    where = f"record: {out_dir / 'run.json'}" if outcome.written else f"record: not written ({out_dir / 'run.json'})"
-    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.get("progress", True):
-        print(job_line(hydra_cfg.job.num, hydra_cfg.overrides.task, outcome.record), flush=True)
-    if outcome.ok:
-        print(where)
-        return
-    if hydra_cfg.mode != RunMode.MULTIRUN or outcome.exit_status == EXIT_INTERRUPTED:  # Ctrl-C ends a sweep too
-        print(f"\nerror: {outcome.message}\n{where}", file=sys.stderr)
-        sys.exit(outcome.exit_status)
-    job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
-    print(f"\nerror: {job}: {outcome.message}\n{where}", file=sys.stderr)
-    raise JobFailed(
-        f"error: {job}: {outcome.message}\n{where}\n"
-        f"every job of the sweep: python -m pipeline.report {hydra_cfg.sweep.dir}"
-    )
-
-
-def job_line(num: int, overrides: list[str], rec: dict) -> str:
-    """One line per finished job of a sweep: its status, load time (every stage but verify) and peak RSS."""
-    stages = rec.get("stages") or []
-    load_s = sum((s.get("metrics") or {}).get("wall_s") or 0.0 for s in stages if s.get("stage") != "verify")
-    peaks = [(s.get("metrics") or {}).get("rss_peak_mb") for s in stages]
-    peak = max((p for p in peaks if p is not None), default=None)
-    peak_text = f"{peak:.0f} MB" if peak is not None else "-"
-    return f"job {num} ({' '.join(overrides)}): {rec.get('status')}, load {load_s:.1f} s, peak {peak_text}"
-
-
+# Everything under the guard (the work itself is in pipeline/cli.py): multiprocessing's spawn starts each load
+# process by importing this module again, as `__mp_main__`, and that import must cost the load nothing.
 if __name__ == "__main__":
-    try:
-        check_conf_dir()
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    try:  # before Hydra builds its launcher, sweeper, callbacks or logging from the config
-        guard.check_argv(sys.argv[1:])
-    except guard.UntrustedConfig as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except Exception:  # a config Hydra cannot compose: let Hydra say why, as it does without this check
-        pass
+    import sys
+
+    from pipeline import startup
+
+    startup.start_early(sys.argv[1:])  # the load process imports torch while this one composes (startup.py)
+
+    import hydra
+    from omegaconf import DictConfig
+
+    from pipeline import CONF_DIR, cli
+
+    cli.check_command_line()
+
+    # defined here, in this file: Hydra names the job after the task function's file (`__main__`: the job's
+    # log is `__main__.log`, a Slurm job's name `__main__`)
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def main(cfg: DictConfig) -> None:
+        cli.run_job(cfg)
+
     main()

@@ -245,8 +245,10 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf, open_dict
 
-    from pipeline.isolate import JobFailed
+    from pipeline import startup
+    from pipeline.cli import JobFailed
 
+    startup.discard_early()  # the jobs load on the cluster's nodes, not in the CLI's early load process
     config = launcher.config
     params = dict(launcher.params)
     executor = submitit.AutoExecutor(

@@ -14,7 +14,8 @@ Hydra process, ~35 MB) spawns the load directly, and a caller whose peak is at o
 (a notebook that loaded a model, a test process) spawns a go-between first: it inherits the caller's mark,
 but what it runs in is a bare interpreter, and the load it spawns inherits only the go-between's small mark.
 Either way the load records what its counter said when it began, as `process.ru_maxrss_at_start_mb` in
-`run.json`, and how it was started (`process.start`).
+`run.json`, and how it was started (`process.start`). The CLI's own load process is started directly too, only
+sooner: before the CLI composes its config (`pipeline.startup.start_early`; `process.imported_before_config`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,12 @@ import json
 import multiprocessing
 import os
 import pickle
-import resource
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from pipeline import startup
@@ -44,18 +43,7 @@ EXIT_RECORD_FAILED = 4  # a run record could not be written (disk full, out of m
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 _SPAWN = multiprocessing.get_context("spawn")
-# a caller whose peak RSS is below this spawns the load directly (see above): well under the ~220 MB that
-# importing torch alone takes a process to, and well over the CLI's own ~35 MB
-DIRECT_BELOW_MB = 150.0
-
-
-def _maxrss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-class JobFailed(CompactHydraException):
-    """A sweep job's load failed. Raised rather than `sys.exit`: Hydra's launchers record an exception as
-    the job's failure and run the other jobs, then exit non-zero; a SystemExit would end the whole sweep."""
+DIRECT_BELOW_MB = startup.DIRECT_BELOW_MB  # a caller whose peak RSS is below this spawns the load directly
 
 
 class LoadFailed(RuntimeError):
@@ -102,14 +90,14 @@ def run_isolated(
     schema.name_model(cfg)  # a crash record too names the checkpoint loaded by path
     path = out_dir / "run.json"
     stale = _identity(path)  # a folder used before: its old record must not pass for this run's
-    direct = _maxrss_mb() < DIRECT_BELOW_MB
+    direct = startup.maxrss_mb() < DIRECT_BELOW_MB
     start = "spawn" if direct else "spawn, via a spawned go-between"
     payload = pickle.dumps((cfg, out_dir, job_logging, os.getpid(), extra or {}, verbose, start))
-    if direct:
-        hop = _SPAWN.Process(target=_load, args=(payload,), name="qload-load")
-    else:
-        hop = _SPAWN.Process(target=_go_between, args=(payload,), name="qload-go-between")
-    hop.start()
+    hop = startup.take_early(payload) if direct else None  # the CLI's, started before it composed `cfg`
+    if hop is None:
+        target, name = (_load, "qload-load") if direct else (_go_between, "qload-go-between")
+        hop = _SPAWN.Process(target=target, args=(payload,), name=name)
+        hop.start()
     interrupted = False
     try:
         hop.join()
@@ -184,8 +172,15 @@ def _go_between(payload: bytes) -> None:
 
 
 def _load(payload: bytes) -> None:
-    """The load itself: the runner loads, generates if asked, and writes run.json with this process's facts."""
-    at_start = _maxrss_mb()
+    """The load process (spawned for this load): see load_process."""
+    load_process(payload, startup.maxrss_mb())
+
+
+def load_process(payload: bytes, at_start: float, early: dict[str, Any] | None = None) -> None:
+    """The load itself: the runner loads, generates if asked, and writes run.json with this process's facts
+    (`at_start`: its peak RSS when it began). `early`: what a load process started before its config did
+    meanwhile (`pipeline.startup.start_early`): the `modules` it imported, measured (`metrics`), and how long it
+    then `waited_s` for the config."""
     cfg, out_dir, job_logging, launcher_pid, extra, verbose, start = pickle.loads(payload)
     if job_logging:
         import logging.config
@@ -199,10 +194,19 @@ def _load(payload: bytes) -> None:
     process = {"pid": os.getpid(), "launcher_pid": launcher_pid, "start": start, "ru_maxrss_at_start_mb": at_start}
     if os.getppid() != launcher_pid:
         process["go_between_pid"] = os.getppid()
+    before = None
+    if early is not None:  # in setup's metrics and the total's, as setup would have measured them
+        before = early["metrics"]
+        process["imported_before_config"] = {
+            "modules": early["modules"],
+            "wall_s": before.wall_s,
+            "cpu_s": before.cpu_s,
+            "waited_s": early["waited_s"],
+        }
     status = EXIT_OK
     fresh = multiprocessing.parent_process() is not None  # a process of its own, unless a test runs this in its own
     try:
-        run(cfg, out_dir, verbose=verbose, extra={"process": process, **extra}, fresh_process=fresh)
+        run(cfg, out_dir, verbose=verbose, extra={"process": process, **extra}, fresh_process=fresh, before=before)
     except StageError:
         status = EXIT_LOAD_FAILED
     except GenerationError:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import guard, startup
 from pipeline.core import cachelock, progress, record, schema
 from pipeline.core.context import LoadContext
-from pipeline.core.measure import rss_anon_bytes, ru_maxrss_bytes, track
+from pipeline.core.measure import Metrics, combined, rss_anon_bytes, ru_maxrss_bytes, track
 from pipeline.core.schema import SETUP, STAGE_KINDS
 from stages import registry
 from stages.base import Stage
@@ -44,7 +44,12 @@ def build_stage(kind: str, node: DictConfig) -> Stage:
 
 
 def run(
-    cfg: DictConfig, out_dir: Path, verbose: bool = False, extra: dict | None = None, fresh_process: bool = False
+    cfg: DictConfig,
+    out_dir: Path,
+    verbose: bool = False,
+    extra: dict | None = None,
+    fresh_process: bool = False,
+    before: Metrics | None = None,
 ) -> tuple[Any, dict]:
     """Load the model `cfg` describes (with plan=true: plan it, returning no model), then generate from
     `cfg.prompt` if set; write `stages.jsonl` and `run.json` (with `extra` merged in) into `out_dir`; with
@@ -56,7 +61,8 @@ def run(
 
     Every second of the measured total is in an entry: `setup` (importing torch and the libraries, checking
     the config, building the stages) and one per stage. The generation comes after the load, outside the
-    total, with its own `wall_s`."""
+    total, with its own `wall_s`. `before`: setup's first imports, made and measured by a load process before it
+    had `cfg` (`pipeline.startup.start_early`): added to setup's metrics and the total's."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
     schema.name_model(cfg)  # with model.path, the record names the checkpoint, not the model YAML
@@ -69,7 +75,8 @@ def run(
     with track() as total:
         try:
             record.start_jsonl(journal)
-            run_step(SETUP, "pipeline.runner.setup", partial(setup, cfg, plan, built, fresh_process), rec, journal)
+            work = partial(setup, cfg, plan, built, fresh_process)
+            run_step(SETUP, "pipeline.runner.setup", work, rec, journal, before=before)
             for kind, target, stage in built["steps"]:
                 built["ctx"].facts[kind] = run_step(kind, target, partial(stage, built["ctx"]), rec, journal)
             rec["status"] = "planned" if plan else "ok"
@@ -84,6 +91,7 @@ def run(
                 traceback=traceback.format_exc(limit=8),
             )
     ctx: LoadContext | None = built.get("ctx")
+    total = combined(before, total) if before is not None else total
     rec["total"] = total.to_dict() | {"ru_maxrss_mb": round(ru_maxrss_bytes() / 2**20, 1)}
     rec["footprint_bytes"] = ctx.facts.get("postprocess", {}).get("footprint_bytes") if ctx else None
     if plan:
@@ -141,11 +149,13 @@ def setup(cfg: DictConfig, plan: bool, built: dict[str, Any], fresh_process: boo
     return {"hidden_libraries": hidden} if fresh_process else {}
 
 
-def run_step(kind: str, target: str, work: Callable[[], dict | None], rec: dict, journal: Path) -> dict:
-    """Run one step (a stage, or the runner's setup), measured, and return its facts; when it ends, ok or
-    failed, its entry goes to `rec` and a line to the journal. An interrupted step did not end: it gets
-    neither. If its line cannot be written the run stops there with the RecordError, unless the step itself
-    failed: that failure stays the run's error."""
+def run_step(
+    kind: str, target: str, work: Callable[[], dict | None], rec: dict, journal: Path, before: Metrics | None = None
+) -> dict:
+    """Run one step (a stage, or the runner's setup), measured (with `before`, a part of it done and measured
+    earlier, see `run`), and return its facts; when it ends, ok or failed, its entry goes to `rec` and a line to
+    the journal. An interrupted step did not end: it gets neither. If its line cannot be written the run stops
+    there with the RecordError, unless the step itself failed: that failure stays the run's error."""
     entry: dict[str, Any] = {"stage": kind, "target": target, "status": "failed"}
     facts, failure = {}, None
     with track() as m:
@@ -154,7 +164,7 @@ def run_step(kind: str, target: str, work: Callable[[], dict | None], rec: dict,
             entry["status"] = "ok"
         except Exception as err:
             failure = err
-    entry.update(metrics=m.to_dict(), facts=facts)
+    entry.update(metrics=(combined(before, m) if before is not None else m).to_dict(), facts=facts)
     rec["stages"].append(entry)
     try:
         record.append_jsonl(journal, entry)

@@ -18,6 +18,16 @@ never in a caller's process (`pipeline.load()` without `isolate`).
   and the model object by object took 2-3 s unfrozen and still 0.2-0.6 s frozen, for memory the OS takes
   back at once. The exit handlers still run first, as at a normal exit (logging's flush, inductor's compile
   workers, temporary folders, multiprocessing's own), and the streams are flushed.
+
+And the CLI starts its load process first (`start_early`), before it imports Hydra and composes the config
+(~0.6 s: the command line checked, then Hydra's own composes and the job's folder): meanwhile the load process
+imports torch (~0.9 s), the part of setup that is the same for every load. It then waits for the config and
+the load runs as before. What it did before the config came is measured as setup measures its imports, and added
+to setup's and the total's wall and CPU time (`pipeline.runner.run`'s `before`); the wait is not, and the record
+says both (`process.imported_before_config`). The early process is used only by the CLI's own first load, and
+only if nothing it inherited has changed since (the environment, which `hydra.job.env_set` changes, and the
+working folder): else it is ended, as it is when the CLI ends without a load (an error, --help, Ctrl-C), and
+the load is spawned as before. A sweep (`-m`) and any other command line with an option spawn as before.
 """
 
 from __future__ import annotations
@@ -25,10 +35,18 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import resource
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NamedTuple, NoReturn
+
+# a caller whose peak RSS is below this spawns the load directly (pipeline/isolate.py says why): well under the
+# ~220 MB that importing torch alone takes a process to, and well over the CLI's own ~35 MB
+DIRECT_BELOW_MB = 150.0
+EARLY_IMPORTS = ("torch",)  # what every load's setup imports first, whatever its config: see start_early
 
 # quant.backend of the load -> the libraries transformers would import at its own import that this load does
 # not use. quant=none hides nothing (a checkpoint saved quantized may need any of them), nor does hqq, whose own
@@ -70,3 +88,98 @@ def exit_without_teardown(status: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def maxrss_mb() -> float:
+    """This process's peak RSS so far (MB), as the kernel keeps it."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class _Early(NamedTuple):
+    process: Any  # multiprocessing's Process
+    writer: Any  # the pipe's end the load's payload goes through
+    pid: int  # what it inherited, to compare when a load would use it
+    cwd: str
+    env: dict[str, str]
+
+
+_early: _Early | None = None
+
+
+def start_early(argv: list[str]) -> None:
+    """Start the load process now, for the CLI's load (see the module docstring), when `argv` has no option
+    (a sweep, --help, --cfg, ...: those spawn as before) and this process is small enough to spawn the load
+    directly (`DIRECT_BELOW_MB`)."""
+    global _early
+    if _early is not None or any(arg.startswith("-") for arg in argv) or maxrss_mb() >= DIRECT_BELOW_MB:
+        return
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    reader, writer = spawn.Pipe(duplex=False)
+    process = spawn.Process(target=_early_load, args=(reader,), name="qload-load")
+    process.start()
+    reader.close()
+    _early = _Early(process, writer, os.getpid(), os.getcwd(), dict(os.environ))
+    atexit.register(discard_early)  # before multiprocessing's own exit handler, which would wait for it
+
+
+def take_early(payload: bytes) -> Any | None:
+    """The early load process, now given `payload` to load, if this process started one that this load may use
+    (see the module docstring); else None, and the early process, if any, is ended."""
+    global _early
+    early, _early = _early, None
+    if early is None:
+        return None
+    if early.pid != os.getpid():  # a copy of the CLI's process (a fork): the early process is not its child
+        return None
+    if early.cwd != os.getcwd() or early.env != dict(os.environ) or not early.process.is_alive():
+        _end(early)
+        return None
+    try:
+        early.writer.send_bytes(payload)
+    except OSError:  # it ended meanwhile
+        _end(early)
+        return None
+    early.writer.close()
+    return early.process
+
+
+def discard_early() -> None:
+    """End the early load process if no load took it (the CLI ends, or runs its jobs elsewhere)."""
+    global _early
+    early, _early = _early, None
+    if early is not None and early.pid == os.getpid():
+        _end(early)
+
+
+def _end(early: _Early) -> None:
+    early.writer.close()
+    early.process.kill()  # it is importing torch, or waiting: nothing of it to keep
+    early.process.join()
+
+
+def _early_load(reader: Any) -> None:
+    """The early load process: what every load's setup imports first, measured as setup measures it, then the
+    load itself once the CLI sends its payload; ends quietly if the CLI ends without one."""
+    at_start = maxrss_mb()
+    try:
+        from pipeline.core import noise
+        from pipeline.core.measure import track
+        from pipeline.isolate import load_process
+
+        noise.quiet()  # before torch is imported, as in any load process
+        with track() as imported, imports_uncollected():
+            for name in EARLY_IMPORTS:
+                try:
+                    __import__(name)
+                except Exception:  # setup imports it again, and records why it fails
+                    pass
+        waiting = time.perf_counter()
+        payload = reader.recv_bytes()
+    except EOFError:  # the CLI ended without a load for it
+        exit_without_teardown(0)
+    except KeyboardInterrupt:  # Ctrl-C before any config: the CLI ends, or writes the record (interrupted in setup)
+        exit_without_teardown(128 + signal.SIGINT)
+    waited_s = round(time.perf_counter() - waiting, 4)
+    load_process(payload, at_start, {"modules": list(EARLY_IMPORTS), "metrics": imported, "waited_s": waited_s})

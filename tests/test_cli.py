@@ -64,6 +64,10 @@ def test_the_default_command_runs_on_a_fresh_machine(tmp_path):
     setup = record["stages"][0]
     assert setup["stage"] == SETUP and setup["facts"]["hidden_libraries"] == ["torchao", "hqq"]  # bnb uses neither
     assert setup["metrics"]["rss_start_mb"] < DIRECT_BELOW_MB  # torch is imported in setup, inside the total
+    # the load process started before the CLI composed its config and imported torch meanwhile: in setup's time
+    early = record["process"]["imported_before_config"]
+    assert early["modules"] == ["torch"] and early["waited_s"] >= 0
+    assert setup["metrics"]["wall_s"] > early["wall_s"] > 0 and setup["metrics"]["cpu_s"] > early["cpu_s"] > 0
     entries_s, total_s = sum(s["metrics"]["wall_s"] for s in record["stages"]), record["total"]["wall_s"]
     assert abs(total_s - entries_s) <= 0.02 * total_s, (entries_s, total_s)
 

@@ -85,3 +85,16 @@ def test_a_gpu_not_used_yet_has_no_peak_to_reset(monkeypatch):
     with track() as m:
         pass
     assert cuda.resets == [0, 1] and m.cuda_max_reserved_mb == {"0": 1.0, "1": 1.0}
+
+
+def test_two_blocks_measured_apart_combine_into_one():
+    from pipeline.core.measure import Metrics, combined
+
+    first = Metrics(wall_s=1.0, cpu_s=0.9, rss_start_mb=20.0, rss_peak_mb=250.0, rss_end_mb=240.0)
+    then = Metrics(
+        wall_s=2.0, cpu_s=2.1, rss_start_mb=241.0, rss_peak_mb=400.0, rss_end_mb=390.0, cuda_max_allocated_mb={"0": 5.0}
+    )
+    both = combined(first, then)
+    assert (both.wall_s, both.cpu_s) == (3.0, 3.0)
+    assert (both.rss_start_mb, both.rss_peak_mb, both.rss_end_mb) == (20.0, 400.0, 390.0)
+    assert both.cuda_max_allocated_mb == {"0": 5.0} and both.cuda_max_reserved_mb == {}

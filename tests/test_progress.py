@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from pipeline.__main__ import job_line
 from pipeline.checkpoints import synthetic
+from pipeline.cli import job_line
 from pipeline.core import progress
 from tests import helpers
 

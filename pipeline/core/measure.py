@@ -131,3 +131,25 @@ def track() -> Iterator[Metrics]:
             for i in range(cuda.device_count()):
                 m.cuda_max_allocated_mb[str(i)] = _mb(cuda.max_memory_allocated(i))
                 m.cuda_max_reserved_mb[str(i)] = _mb(cuda.max_memory_reserved(i))
+
+
+def combined(first: Metrics, then: Metrics) -> Metrics:
+    """Two blocks of one process's work, measured apart (what lay between them left out), as one block: their wall
+    and CPU time added, RSS from the first's start to the second's end, the higher peaks."""
+    allocated, reserved = (
+        {k: max(a.get(k, 0.0), b.get(k, 0.0)) for k in a.keys() | b.keys()}
+        for a, b in (
+            (first.cuda_max_allocated_mb, then.cuda_max_allocated_mb),
+            (first.cuda_max_reserved_mb, then.cuda_max_reserved_mb),
+        )
+    )
+    return Metrics(
+        wall_s=round(first.wall_s + then.wall_s, 4),
+        cpu_s=round(first.cpu_s + then.cpu_s, 4),
+        rss_start_mb=first.rss_start_mb,
+        rss_peak_mb=max(first.rss_peak_mb, then.rss_peak_mb),
+        rss_end_mb=then.rss_end_mb,
+        rss_anon_end_mb=then.rss_anon_end_mb,
+        cuda_max_allocated_mb=allocated,
+        cuda_max_reserved_mb=reserved,
+    )

@@ -14,7 +14,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf, open_dict
 
 from pipeline.core.sizes import parse_size
@@ -385,6 +384,8 @@ SCHEMA_GROUP = "_schemas_"
 
 def register() -> None:
     """Register each schema under `_schemas_/`, and the resolver the run folder's name uses."""
+    from hydra.core.config_store import ConfigStore  # here: the load process uses the schemas, not Hydra
+
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="quant", name="schema", node=QuantConfig)
