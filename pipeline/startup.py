@@ -1,6 +1,6 @@
 """A faster start for a process that exists for one load alone (`pipeline.isolate`'s load process).
 
-Each step changes the whole interpreter, so each is taken only in a process of the load's own: the first two by
+Each step changes the whole interpreter, so each is taken only in a process of the load's own: the first three by
 `pipeline.runner.setup` when told so (`fresh_process=True`), the last by `pipeline.isolate`'s load process;
 never in a caller's process (`pipeline.load()` without `isolate`).
 
@@ -10,6 +10,13 @@ never in a caller's process (`pipeline.load()` without `isolate`).
   Python's own "not importable": `importlib.util.find_spec` answers None, so transformers' `is_*_available()`
   says False, and anything that still imported one would fail loudly (ImportError), never silently differ.
   Package versions in the record come from the installed metadata, which this does not touch.
+- transformers' table of what its ~560 model packages export is read from the model files, by
+  `create_import_structure_from_path` (transformers/utils/import_utils.py), twice per process: once for the
+  package (`transformers/__init__.py`) and once for `transformers.models`. The function caches its answers, but
+  in an `lru_cache` of 128 entries, fewer than the folders, so the second pass reads every file again (~0.3 s
+  on the 2-core machine). `whole_import_structure_cache` gives it a cache with room for every folder as the
+  module is imported: the same function, the same answers, the second pass from the cache. Where transformers
+  names or wraps the function otherwise, nothing is changed.
 - The cyclic garbage collector is paused while setup imports torch, transformers and the rest (~400k objects
   and no garbage worth a pass: its passes cost ~20% of the import time), and what was imported is then frozen
   (`gc.freeze`), so that later passes skip it. Reference counting still frees every tensor as before: only
@@ -33,7 +40,9 @@ the load is spawned as before. A sweep (`-m`) and any other command line with an
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
+import importlib.abc
 import os
 import resource
 import signal
@@ -67,6 +76,58 @@ def hide_unused(backend: str) -> list[str]:
             sys.modules[name] = None  # type: ignore[assignment]
             hidden.append(name)
     return hidden
+
+
+IMPORT_UTILS = "transformers.utils.import_utils"
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls `then(module)` once module `name` has run, before anything else uses it."""
+
+    def __init__(self, name: str, then: Any) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            spec = (
+                finder.find_spec(fullname, path, target)
+                if finder is not self and hasattr(finder, "find_spec")
+                else None
+            )
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                run = spec.loader.exec_module
+
+                def exec_module(module: Any, run: Any = run) -> None:
+                    run(module)
+                    self.then(module)
+
+                spec.loader.exec_module = exec_module  # this module's own loader object
+                return spec
+        return None
+
+
+def _whole_cache(module: Any) -> None:
+    fn = getattr(module, "create_import_structure_from_path", None)
+    if fn is not None and hasattr(fn, "cache_info") and hasattr(fn, "__wrapped__"):
+        module.create_import_structure_from_path = functools.lru_cache(maxsize=None)(fn.__wrapped__)
+
+
+@contextmanager
+def whole_import_structure_cache() -> Iterator[None]:
+    """transformers' import-structure function with a cache for every model folder while transformers is first
+    imported in the block (see the module docstring); nothing when it was imported before."""
+    if IMPORT_UTILS in sys.modules:
+        yield
+        return
+    finder = _AfterImport(IMPORT_UTILS, _whole_cache)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
 
 
 @contextmanager

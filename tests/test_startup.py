@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import cli_with_maxrss, start_cli
+from tests.helpers import cli_with_maxrss, run_python, start_cli
 
 
 def gone(group: int, timeout: float = 10) -> bool:
@@ -47,3 +47,41 @@ def test_ctrl_c_while_the_cli_composes_leaves_no_process_behind_and_the_load_pro
     assert proc.returncode != 0
     assert "qload-load" not in err  # no traceback of the load process
     assert gone(proc.pid), "a process of the CLI's group outlived it"
+
+
+IMPORT_TABLE = """
+    import json, os, sys
+    {enter}
+    import transformers
+    import transformers.models
+    import transformers.utils.import_utils as iu
+    folder = os.path.join(os.path.dirname(transformers.__file__), "models")
+    table = iu.define_import_structure(os.path.join(folder, "__init__.py"))
+    info = iu.create_import_structure_from_path.cache_info()
+    print(json.dumps({{
+        "table": sorted((sorted(k), sorted((m, sorted(n)) for m, n in v.items())) for k, v in table.items()),
+        "cls": transformers.models.llama.LlamaForCausalLM.__name__,
+        "hits": info.hits, "maxsize": info.maxsize,
+    }}))
+    {leave}
+"""
+
+
+def test_transformers_import_table_is_the_same_from_the_whole_cache():
+    """whole_import_structure_cache: transformers' own function, with room for every model folder, so its second
+    pass (transformers.models) is answered from the cache, with the very table transformers builds without it."""
+    import json
+
+    plain = json.loads(run_python(IMPORT_TABLE.format(enter="", leave="")))
+    whole = json.loads(
+        run_python(
+            IMPORT_TABLE.format(
+                enter="from pipeline import startup; cm = startup.whole_import_structure_cache(); cm.__enter__()",
+                leave="cm.__exit__(None, None, None)",
+            )
+        )
+    )
+    assert whole["table"] == plain["table"] and len(plain["table"]) > 0
+    assert whole["cls"] == plain["cls"] == "LlamaForCausalLM"
+    assert plain["maxsize"] == 128 and whole["maxsize"] is None  # transformers' cache, and ours
+    assert whole["hits"] > 500 > plain["hits"]  # every model folder, read once
