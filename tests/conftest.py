@@ -23,11 +23,12 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def load(cache_dir, tmp_path):
     """load(*overrides) -> (model, record, run_dir): the pipeline on the CPU (`device_map=cpu` unless an override
-    names a policy: on a GPU machine `auto` would place the model on the GPU), records under tmp_path."""
+    sets the device map, its policy or its budget: on a GPU machine `auto` would place the model on the GPU),
+    records under tmp_path."""
     counter = iter(range(1000))
 
     def _load(*overrides: str):
-        cpu = [] if any(o.startswith("device_map=") for o in overrides) else ["device_map=cpu"]
+        cpu = [] if any(o.lstrip("+~").startswith("device_map") for o in overrides) else ["device_map=cpu"]
         cfg = compose([f"cache_dir={cache_dir}", "stages.stream.progress=false", *cpu, *overrides])
         run_dir = tmp_path / f"run{next(counter)}"
         model, record = run(cfg, run_dir)
