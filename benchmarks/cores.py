@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.load import warm  # noqa: E402
+from benchmarks.load import environment, warm  # noqa: E402
 
 
 def stream(model: str, quant: str, cores: int, cache: str, workdir: Path) -> dict:
@@ -33,8 +33,7 @@ def stream(model: str, quant: str, cores: int, cache: str, workdir: Path) -> dic
     args = ["taskset", "-c", f"0-{cores - 1}", sys.executable, "-m", "pipeline", f"model={model}"]
     args += ["model.source=synthetic", f"quant={quant}", "dtype=fp16", f"cache_dir={cache}", "device_map=cpu"]
     args += ["stages.stream.progress=false", f"hydra.run.dir={run_dir}"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=workdir, env=env)
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=workdir, env=environment(False, workdir))
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     rec = json.loads((run_dir / "run.json").read_text())

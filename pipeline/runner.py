@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import guard, startup
 from pipeline.core import cachelock, progress, record, schema
 from pipeline.core.context import LoadContext
-from pipeline.core.measure import Metrics, combined, rss_anon_bytes, ru_maxrss_bytes, track
+from pipeline.core.measure import Metrics, combined, rss_anon_mb, ru_maxrss_bytes, track
 from pipeline.core.schema import SETUP, STAGE_KINDS
 from stages import registry
 from stages.base import Stage
@@ -193,8 +193,7 @@ def generate_into(rec: dict, model: Any, cfg: DictConfig, path: Path, verbose: b
     except Exception as err:  # the load is recorded as it went; the generation's failure is recorded with it
         gen["error"] = f"{type(err).__name__}: {err}"
     gen["wall_s"] = round(time.perf_counter() - t0, 4)
-    anon = rss_anon_bytes()  # a mapped weight is read on first use: what the forward pass made private
-    gen["rss_anon_end_mb"] = None if anon is None else round(anon / 2**20, 1)
+    gen["rss_anon_end_mb"] = rss_anon_mb()  # a mapped weight is read on first use: what the forward pass made private
     rec["generation"] = gen
     if verbose and "output" in gen:
         print(gen["output"])

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import psutil
 
@@ -43,11 +44,12 @@ def _mb(n: float) -> float:
     return round(n / 2**20, 1)
 
 
-def rss_anon_bytes() -> int | None:
-    """The process's private resident memory: RSS less its file-backed and shared pages (Linux; else None)."""
-    info = psutil.Process().memory_info()
+def rss_anon_mb(info: Any = None) -> float | None:
+    """The process's private resident memory (MB): RSS less its file-backed and shared pages, from `info` (psutil's
+    `memory_info()`, read now when not given); None where the OS does not say (not Linux)."""
+    info = info or psutil.Process().memory_info()
     shared = getattr(info, "shared", None)
-    return None if shared is None else info.rss - shared
+    return None if shared is None else _mb(info.rss - shared)
 
 
 def ru_maxrss_bytes() -> int:
@@ -123,9 +125,8 @@ def track() -> Iterator[Metrics]:
                 m.cpu_s = round(time.process_time() - cpu0, 4)
     finally:
         m.rss_peak_mb = _mb(rss.peak)
-        m.rss_end_mb = _mb(psutil.Process().memory_info().rss)
-        anon = rss_anon_bytes()
-        m.rss_anon_end_mb = None if anon is None else _mb(anon)
+        end = psutil.Process().memory_info()
+        m.rss_end_mb, m.rss_anon_end_mb = _mb(end.rss), rss_anon_mb(end)
         cuda = cuda or _cuda()  # a block that imported torch: its peaks since then are the block's
         if cuda:
             for i in range(cuda.device_count()):
