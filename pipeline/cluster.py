@@ -234,28 +234,52 @@ def record_end(
     return path
 
 
+def job_error(err: Exception) -> str:
+    """What a job that raised outside the load said: the last line of the traceback submitit kept (the
+    exception and its message), which submitit's error puts between two lines of dashes."""
+    parts = str(err).split("----------------------\n")
+    trace = parts[1] if len(parts) >= 3 else str(err)
+    lines = [line.strip() for line in trace.splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def make_executor(params: dict[str, Any]) -> Any:
+    """submitit's Slurm executor for the launcher's parameters, as hydra-submitit-launcher makes it, but for
+    the warning signal. submitit asks Slurm for SIGUSR2 `signal_delay_s` before the time limit, so that a job
+    can checkpoint and requeue. A load can do neither: submitit's handler ends the job when the signal comes
+    (FAILED, not TIMEOUT), which with a limit shorter than the delay is at its start, and before the handler
+    is set the signal's default action kills the job. SIGCONT takes its place (submitit always asks for a
+    signal): a running process ignores it, so the job runs until Slurm's limit ends it. A `signal` in
+    `additional_parameters` still wins."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
+    warning = {"signal": f"CONT@{params.get('signal_delay_s', 120)}"}
+    params["additional_parameters"] = warning | dict(params.get("additional_parameters") or {})
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    return executor
+
+
 def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) -> list[Any]:
     """The sweep's side of the Slurm launcher: as hydra-submitit-launcher submits, then our waiting and
     outcomes (theirs waits on `sacct` alone, which many clusters and this repo's local one do not have,
     and stops at the first job that left no result)."""
-    import submitit
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton
     from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     from pipeline import startup
     from pipeline.cli import JobFailed
 
     startup.discard_early()  # the jobs load on the cluster's nodes, not in the CLI's early load process
     config = launcher.config
-    params = dict(launcher.params)
-    executor = submitit.AutoExecutor(
-        cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout")
-    )
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    executor = make_executor(dict(launcher.params))
     sweep_dir = Path(str(config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if "mode" in config.hydra.sweep:  # as hydra-submitit-launcher does
@@ -275,7 +299,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
             try:
                 ret = job.results()[0]
             except Exception as err:  # the job raised outside Hydra's run_job (submitit's own failure)
-                error = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                error = job_error(err)
         state = states.get(job.job_id)
         ended_by_slurm = state is not None and state.get("JobState") in ENDED_BY_SLURM
         if ret is not None and (ret.status == JobStatus.COMPLETED or not ended_by_slurm):
@@ -292,6 +316,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
         stepd = stepd_errors(job.paths.stderr)
         if ended_by_slurm:
             why = describe(job.job_id, state, stepd)
+            why += f"; the job said: {error}" if error else ""
         else:
             why = f"Slurm job {job.job_id} ended without a result ({error or 'no result file'}; Slurm state {state})"
         path = record_end(job_dir, task_cfg, job.job_id, state, why, stepd)

@@ -87,3 +87,25 @@ def test_a_job_records_its_allocation(monkeypatch):
     assert facts["id"] == "22_0" and facts["job_id"] == "23" and facts["node"] == "n1"
     assert facts["cpus_per_task"] == "4" and facts["mem_per_node_mb"] == "8192" and facts["job_gpus"] == "1"
     assert facts["time_limit"] == "02:00:00" and facts["tres"] == "cpu=4,mem=8G,gres/gpu=1"
+
+
+def test_the_job_script_asks_slurm_for_no_signal_that_ends_a_load(tmp_path):
+    params = {"submitit_folder": str(tmp_path), "max_num_timeout": 0, "timeout_min": 1, "mem_gb": 4}
+    text = cluster.make_executor(params | {"signal_delay_s": 120})._executor._make_submission_file_text("job", "u")
+    assert "#SBATCH --signal=CONT@120" in text and "USR2" not in text  # submitit's default is USR2@120
+    assert "#SBATCH --time=1" in text and "#SBATCH --mem=4GB" in text and text.rstrip().endswith("job")
+    mine = params | {"additional_parameters": {"signal": "USR1@300", "mem": "300M"}}  # the user's own wins
+    text = cluster.make_executor(mine)._executor._make_submission_file_text("job", "u")
+    assert "#SBATCH --signal=USR1@300" in text and "CONT" not in text and "#SBATCH --mem=300M" in text
+
+
+def test_a_job_that_raised_is_named_by_the_last_line_of_its_trace():
+    trace = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad shard\n'
+    err = RuntimeError(
+        "Job (task=0) failed during processing with trace:\n"
+        f"----------------------\n{trace}\n----------------------\n"
+        "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - a.err\n  - a.out"
+    )
+    assert cluster.job_error(err) == "ValueError: bad shard"
+    assert cluster.job_error(RuntimeError("no result file\n")) == "no result file"
+    assert cluster.job_error(RuntimeError("")) == "RuntimeError"

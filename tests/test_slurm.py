@@ -135,6 +135,8 @@ def test_a_job_slurm_kills_at_its_time_limit_is_recorded_failed_with_slurms_reas
     assert s["reason"] in ("TimeLimit", None)  # scontrol and sacct say TimeLimit; the jobcomp log has no reason
     assert s["array_task_id"] == "0" and s["array_job_id"] == other["slurm"]["array_job_id"]
     assert 60 <= wall < 240  # killed by Slurm after its minute, not before, and the sweep did not hang
+    script = next((sweep_dir / ".submitit").glob("*/*_submission.sh")).read_text()
+    assert "#SBATCH --time=1" in script and "USR2" not in script  # no early signal that would end the load
 
 
 def test_a_cancelled_job_is_recorded_failed_with_slurms_state(tmp_path):
