@@ -73,3 +73,12 @@ def test_quant_none_keeps_the_weights_as_views_of_the_shards(load, cache_dir):
     ]
     weight = model.model.embed_tokens.weight
     assert any(lo <= weight.data_ptr() < hi for lo, hi in spans)
+
+
+def test_the_stream_sets_the_allocators_mmap_threshold_where_glibc_runs():
+    import platform
+
+    from stages.stream.memory import return_freed_memory
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert return_freed_memory() is glibc  # mallopt found in the process's own C library, set, and said so

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 256 * 1024
@@ -16,10 +15,10 @@ def return_freed_memory() -> bool:
     tensor-sized temporaries come from the heap, fragment it, and keep RSS up long after they are
     freed: on the 1.1B model that held ~290 MB above the quantized model at the end of the load.
     Setting the threshold explicitly turns that adjustment off. Returns False where there is no glibc.
+    `mallopt` is looked up in the process's own symbols (the C library it runs on), not by
+    `ctypes.util.find_library`, which runs `ldconfig -p` for it.
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD))
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, THRESHOLD))
     except (OSError, AttributeError, TypeError):
         return False
