@@ -258,7 +258,7 @@ def make_executor(params: dict[str, Any]) -> Any:
     executor = submitit.AutoExecutor(
         cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout")
     )
-    warning = {"signal": f"CONT@{params.get('signal_delay_s', 120)}"}
+    warning = {"signal": f"CONT@{params['signal_delay_s']}"}  # hydra-submitit-launcher's default: 120
     params["additional_parameters"] = warning | dict(params.get("additional_parameters") or {})
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})

@@ -10,9 +10,10 @@ ran in across exec, and Python spawns with vfork, where that memory is the paren
 `ru_maxrss` starts at its parent's peak (measured: 1.5 GB parent, 1.5 GB child at its first line). That
 start is harmless while it is below anything the load reaches: the load's setup imports torch, which alone
 takes a process past 200 MB, and from there the counter is the load's own. So a small caller (the CLI's
-Hydra process, ~35 MB) spawns the load directly, and a caller whose peak is at or above `DIRECT_BELOW_MB`
-(a notebook that loaded a model, a test process) spawns a go-between first: it inherits the caller's mark,
-but what it runs in is a bare interpreter, and the load it spawns inherits only the go-between's small mark.
+Hydra process, ~35 MB) spawns the load directly, and a caller whose peak is at or above
+`startup.DIRECT_BELOW_MB` (a notebook that loaded a model, a test process) spawns a go-between first: it
+inherits the caller's mark, but what it runs in is a bare interpreter, and the load it spawns inherits only the
+go-between's small mark.
 Either way the load records what its counter said when it began, as `process.ru_maxrss_at_start_mb` in
 `run.json`, and how it was started (`process.start`). The CLI's own load process is started directly too, only
 sooner: before the CLI composes its config (`pipeline.startup.start_early`; `process.imported_before_config`).
@@ -43,7 +44,6 @@ EXIT_RECORD_FAILED = 4  # a run record could not be written (disk full, out of m
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 _SPAWN = multiprocessing.get_context("spawn")
-DIRECT_BELOW_MB = startup.DIRECT_BELOW_MB  # a caller whose peak RSS is below this spawns the load directly
 
 
 class LoadFailed(RuntimeError):
@@ -90,7 +90,7 @@ def run_isolated(
     schema.name_model(cfg)  # a crash record too names the checkpoint loaded by path
     path = out_dir / "run.json"
     stale = _identity(path)  # a folder used before: its old record must not pass for this run's
-    direct = startup.maxrss_mb() < DIRECT_BELOW_MB
+    direct = startup.maxrss_mb() < startup.DIRECT_BELOW_MB
     start = "spawn" if direct else "spawn, via a spawned go-between"
     payload = pickle.dumps((cfg, out_dir, job_logging, os.getpid(), extra or {}, verbose, start))
     hop = startup.take_early(payload) if direct else None  # the CLI's, started before it composed `cfg`

@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 from pipeline import CONF_DIR, compose
 from pipeline.core import record as records
 from pipeline.core.schema import SETUP, STAGE_KINDS
-from pipeline.isolate import DIRECT_BELOW_MB, LoadFailed
+from pipeline.isolate import LoadFailed
 from pipeline.replay import default_out
 from pipeline.runner import StageError
+from pipeline.startup import DIRECT_BELOW_MB
 from tests.helpers import MAXRSS, REPO, cli_env, cli_with_maxrss, pipeline_cmd
 
 # variables that would point a run at caches a new machine does not have

@@ -91,7 +91,8 @@ def test_a_job_records_its_allocation(monkeypatch):
 
 def test_the_job_script_asks_slurm_for_no_signal_that_ends_a_load(tmp_path):
     params = {"submitit_folder": str(tmp_path), "max_num_timeout": 0, "timeout_min": 1, "mem_gb": 4}
-    text = cluster.make_executor(params | {"signal_delay_s": 120})._executor._make_submission_file_text("job", "u")
+    params["signal_delay_s"] = 120  # hydra-submitit-launcher's default
+    text = cluster.make_executor(dict(params))._executor._make_submission_file_text("job", "u")
     assert "#SBATCH --signal=CONT@120" in text and "USR2" not in text  # submitit's default is USR2@120
     assert "#SBATCH --time=1" in text and "#SBATCH --mem=4GB" in text and text.rstrip().endswith("job")
     mine = params | {"additional_parameters": {"signal": "USR1@300", "mem": "300M"}}  # the user's own wins
