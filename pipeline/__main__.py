@@ -11,8 +11,9 @@ generation failed, 4 a run record could not be written (disk full, out of memory
 if __name__ == "__main__":
     import sys
 
-    from pipeline import startup
+    from pipeline import ctrl_c, startup
 
+    ctrl_c.remember()  # first: a Ctrl-C from here on is known, even where a library swallows it (ctrl_c.py)
     startup.start_early(sys.argv[1:])  # the load process imports torch while this one composes (startup.py)
 
     import hydra
@@ -20,12 +21,10 @@ if __name__ == "__main__":
 
     from pipeline import CONF_DIR, cli
 
-    cli.check_command_line()
-
     # defined here, in this file: Hydra names the job after the task function's file (`__main__`: the job's
     # log is `__main__.log`, a Slurm job's name `__main__`)
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def main(cfg: DictConfig) -> None:
         cli.run_job(cfg)
 
-    main()
+    cli.run_main(main)

@@ -9,6 +9,7 @@ that import costs the load nothing (no Hydra, no schema registration before torc
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -16,7 +17,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import check_conf_dir, cluster, guard
+from pipeline import check_conf_dir, cluster, ctrl_c, guard
 from pipeline.core import schema
 from pipeline.isolate import EXIT_INTERRUPTED, run_isolated
 
@@ -26,9 +27,36 @@ class JobFailed(CompactHydraException):
     the job's failure and run the other jobs, then exit non-zero; a SystemExit would end the whole sweep."""
 
 
+def run_main(main: Callable[[], None]) -> None:
+    """The command line checked (check_command_line), then Hydra's `main`; exit 130 if a Ctrl-C came meanwhile,
+    whatever a library made of its KeyboardInterrupt (pipeline/ctrl_c.py): an error of its own (Hydra's exit 1),
+    nothing at all, or the KeyboardInterrupt itself, which would end the CLI with a traceback."""
+    try:
+        check_command_line()
+        main()
+    except SystemExit as exit:
+        if exit.code == EXIT_INTERRUPTED or not ctrl_c.seen():
+            raise
+    except KeyboardInterrupt:
+        pass
+    else:
+        if not ctrl_c.seen():
+            return
+    print("\nerror: interrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def stop_if_interrupted() -> None:
+    """Exit 130 if this process got a Ctrl-C (pipeline/ctrl_c.py), so that no load starts after one."""
+    if ctrl_c.seen():
+        print("\nerror: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
 def check_command_line() -> None:
     """Register the schemas and check the configs' folder and the command line before Hydra builds its
-    launcher, sweeper, callbacks or logging from the config; exit 1 with the reason if either is wrong."""
+    launcher, sweeper, callbacks or logging from the config; exit 1 with the reason if either is wrong (130 if a
+    Ctrl-C came meanwhile)."""
     schema.register()
     try:
         check_conf_dir()
@@ -42,11 +70,14 @@ def check_command_line() -> None:
         sys.exit(1)
     except Exception:  # a config Hydra cannot compose: let Hydra say why, as it does without this check
         pass
+    stop_if_interrupted()
 
 
 def run_job(cfg: DictConfig) -> None:
     """One job (the run, or one job of a `-m` sweep): its load in a fresh process, then the record's path, the
-    sweep's line, or the error with its exit status (a sweep's failed job raises JobFailed, see there)."""
+    sweep's line, or the error with its exit status (a sweep's failed job raises JobFailed, see there). No load
+    starts after a Ctrl-C, even one a library swallowed while Hydra composed (exit 130)."""
+    stop_if_interrupted()
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     job_logging = OmegaConf.to_container(hydra_cfg.job_logging, resolve=True) if hydra_cfg.job_logging else None

@@ -179,10 +179,13 @@ def start_early(argv: list[str]) -> None:
     spawn = multiprocessing.get_context("spawn")
     reader, writer = spawn.Pipe(duplex=False)
     process = spawn.Process(target=_early_load, args=(reader,), name="qload-load")
+    inherited = os.getpid(), os.getcwd(), dict(os.environ)
+    # registered before multiprocessing's own exit handler, which would wait for the process, and told of the
+    # process as soon as it starts: a SIGINT to the CLI alone in between left the CLI waiting for it at exit
+    atexit.register(discard_early)
     process.start()
+    _early = _Early(process, writer, *inherited)
     reader.close()
-    _early = _Early(process, writer, os.getpid(), os.getcwd(), dict(os.environ))
-    atexit.register(discard_early)  # before multiprocessing's own exit handler, which would wait for it
 
 
 def take_early(payload: bytes) -> Any | None:

@@ -49,6 +49,63 @@ def test_ctrl_c_while_the_cli_composes_leaves_no_process_behind_and_the_load_pro
     assert gone(proc.pid), "a process of the CLI's group outlived it"
 
 
+# `python -m pipeline` with one library function patched to take a Ctrl-C while it runs and not let its
+# KeyboardInterrupt through: dropped, or turned into an error of its own (Hydra's config reading does both, by
+# chance of where the interrupt falls: pipeline/ctrl_c.py)
+SWALLOWING_CLI = """
+    import importlib, runpy, signal, sys
+    module, owner, name, what = sys.argv[1:5]
+    holder = importlib.import_module(module)
+    holder = getattr(holder, owner) if owner else holder
+    real = getattr(holder, name)
+
+    def taking_ctrl_c(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)  # as a terminal's Ctrl-C, while the library runs
+        except KeyboardInterrupt:
+            if what == "error":
+                raise RuntimeError("an error of the library's own")
+        return real(*args, **kwargs)
+
+    setattr(holder, name, taking_ctrl_c)
+    sys.argv = ["pipeline", *sys.argv[5:]]
+    runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("what", ["dropped", "error"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("pipeline.guard", "", "check_argv"),  # the CLI's own check, before Hydra
+        ("hydra._internal.config_loader_impl", "ConfigLoaderImpl", "load_configuration"),  # Hydra's compositions
+    ],
+)
+def test_a_ctrl_c_a_library_swallows_still_ends_the_cli_before_any_load(tmp_path, where, what):
+    """The Ctrl-C of the CI failure: it came while Hydra composed, was lost there, and the CLI loaded anyway
+    (exit 0). A Ctrl-C is remembered by the CLI's own handler, so it now exits 130 and no load starts."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.helpers import REPO, cli_env
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SWALLOWING_CLI), *where, what, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal (see start_cli)
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.rstrip().endswith("error: interrupted (Ctrl-C)"), proc.stderr
+    assert not (run_dir / "run.json").exists()
+    assert "qload-load" not in proc.stderr
+
+
 IMPORT_TABLE = """
     import json, os, sys
     {enter}
