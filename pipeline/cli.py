@@ -42,15 +42,7 @@ def run_main(main: Callable[[], None]) -> None:
     else:
         if not ctrl_c.seen():
             return
-    print("\nerror: interrupted (Ctrl-C)", file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
-
-
-def stop_if_interrupted() -> None:
-    """Exit 130 if this process got a Ctrl-C (pipeline/ctrl_c.py), so that no load starts after one."""
-    if ctrl_c.seen():
-        print("\nerror: interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    ctrl_c.exit_interrupted()
 
 
 def check_command_line() -> None:
@@ -70,14 +62,14 @@ def check_command_line() -> None:
         sys.exit(1)
     except Exception:  # a config Hydra cannot compose: let Hydra say why, as it does without this check
         pass
-    stop_if_interrupted()
+    ctrl_c.exit_if_seen()
 
 
 def run_job(cfg: DictConfig) -> None:
     """One job (the run, or one job of a `-m` sweep): its load in a fresh process, then the record's path, the
     sweep's line, or the error with its exit status (a sweep's failed job raises JobFailed, see there). No load
     starts after a Ctrl-C, even one a library swallowed while Hydra composed (exit 130)."""
-    stop_if_interrupted()
+    ctrl_c.exit_if_seen()
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     job_logging = OmegaConf.to_container(hydra_cfg.job_logging, resolve=True) if hydra_cfg.job_logging else None

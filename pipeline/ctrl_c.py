@@ -6,13 +6,14 @@ another error (Hydra reads each config file in a `try`/`finally` that fails on i
 before the file was open) that Hydra's first, mode-finding composition answers with "no mode", or an interrupt can
 be dropped inside a type check omegaconf makes. The CLI then went on and loaded the model, exit status 0, after
 the user had pressed Ctrl-C. So the CLI's handler raises the KeyboardInterrupt as Python's own does and also
-remembers it, and the CLI asks `seen()` before it starts a load (`pipeline.cli`) and before it exits.
+remembers it, and the CLI (`pipeline.cli`, `pipeline.replay`) calls `exit_if_seen()` before it starts a load.
 """
 
 from __future__ import annotations
 
 import signal
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 _seen = False
 
@@ -33,3 +34,15 @@ def _on_ctrl_c(signum: int, frame: Any) -> None:
 def seen() -> bool:
     """Whether this process got a Ctrl-C since `remember()`, whatever became of its KeyboardInterrupt."""
     return _seen
+
+
+def exit_if_seen() -> None:
+    """`exit_interrupted()` if this process got a Ctrl-C."""
+    if _seen:
+        exit_interrupted()
+
+
+def exit_interrupted() -> NoReturn:
+    """Exit 130 (128 + SIGINT, as a shell reports Ctrl-C), saying so."""
+    print("\nerror: interrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)

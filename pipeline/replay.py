@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import guard
+from pipeline import ctrl_c, guard
 from pipeline.core import record, schema
 from pipeline.isolate import run_isolated
 
@@ -78,6 +78,7 @@ def replay(run_dir: str | Path, out: str | Path | None = None, overrides: list[s
             f"replayed at {now['commit']} (dirty: {now['dirty']}): the code may differ, the config does not",
             file=sys.stderr,
         )
+    ctrl_c.exit_if_seen()  # a Ctrl-C that a library swallowed while the config was built (pipeline/ctrl_c.py)
     replay_of = {"run_dir": str(run_dir.resolve()), "config_from": source, "git": original.get("git")}
     outcome = run_isolated(cfg, out_dir, extra={"replay_of": replay_of | {"overrides": list(overrides or [])}})
     if not outcome.ok:
@@ -102,4 +103,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    ctrl_c.remember()
     sys.exit(main())

@@ -326,6 +326,19 @@ def test_replay_of_an_untouched_record_is_launched(recorded_run, tmp_path, monke
     assert len(launched) == 1
 
 
+def test_replay_after_a_ctrl_c_a_library_swallowed_is_not_launched(recorded_run, tmp_path, monkeypatch):
+    """As the CLI (tests/test_startup.py): a Ctrl-C that came while the config was built, and was dropped by the
+    library it fell into, still stops the replay before its load (exit 130)."""
+    from pipeline import ctrl_c
+
+    launched = []
+    monkeypatch.setattr(replay, "run_isolated", lambda *a, **k: launched.append(a) or Outcome(0, "", {}))
+    monkeypatch.setattr(ctrl_c, "_seen", True)  # what ctrl_c's handler leaves, whatever became of the interrupt
+    with pytest.raises(SystemExit) as exit:
+        replay.replay(recorded_run(), tmp_path / "out")
+    assert exit.value.code == 130 and launched == []
+
+
 def test_replay_cli_names_the_key(recorded_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(replay, "run_isolated", lambda *a, **k: pytest.fail("launched"))
     run_dir = recorded_run(lambda c: c["stages"]["stream"].update(_target_="torch.save"))
