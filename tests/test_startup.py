@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
-from tests.helpers import cli_with_maxrss, run_python, start_cli
+from tests.helpers import REPO, cli_env, cli_with_maxrss, run_python, start_cli
 
 
 def gone(group: int, timeout: float = 10) -> bool:
@@ -84,12 +87,6 @@ SWALLOWING_CLI = """
 def test_a_ctrl_c_a_library_swallows_still_ends_the_cli_before_any_load(tmp_path, where, what):
     """The Ctrl-C of the CI failure: it came while Hydra composed, was lost there, and the CLI loaded anyway
     (exit 0). A Ctrl-C is remembered by the CLI's own handler, so it now exits 130 and no load starts."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from tests.helpers import REPO, cli_env
-
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(SWALLOWING_CLI), *where, what, f"hydra.run.dir={run_dir}"],
