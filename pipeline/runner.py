@@ -139,7 +139,7 @@ def setup(cfg: DictConfig, plan: bool, built: dict[str, Any], fresh_process: boo
     with startup.imports_uncollected() if fresh_process else nullcontext():
         if fresh_process:
             hidden = startup.hide_unused(str(getattr(cfg.quant.backend, "value", cfg.quant.backend)))
-        with startup.whole_import_structure_cache() if fresh_process else nullcontext():
+        with startup.import_structure_cache() if fresh_process else nullcontext():
             from pipeline.plan.step import PLAN_KINDS, Plan
 
         ctx = LoadContext(cfg=OmegaConf.to_object(cfg))

@@ -10,13 +10,17 @@ never in a caller's process (`pipeline.load()` without `isolate`).
   Python's own "not importable": `importlib.util.find_spec` answers None, so transformers' `is_*_available()`
   says False, and anything that still imported one would fail loudly (ImportError), never silently differ.
   Package versions in the record come from the installed metadata, which this does not touch.
-- transformers' table of what its ~560 model packages export is read from the model files, by
-  `create_import_structure_from_path` (transformers/utils/import_utils.py), twice per process: once for the
-  package (`transformers/__init__.py`) and once for `transformers.models`. The function caches its answers, but
-  in an `lru_cache` of 128 entries, fewer than the folders, so the second pass reads every file again (~0.3 s
-  on the 2-core machine). `whole_import_structure_cache` gives it a cache with room for every folder as the
-  module is imported: the same function, the same answers, the second pass from the cache. Where transformers
-  names or wraps the function otherwise, nothing is changed.
+- transformers' table of what its ~560 model packages export is read from the model files (~1700 of them), by
+  `create_import_structure_from_path` (transformers/utils/import_utils.py), a pure function of the files' names
+  and contents: ~0.25 s on the 2-core machine for the first pass (`transformers/__init__.py`), and as much again
+  for the second (`transformers.models`), whose folders no longer fit the function's `lru_cache` of 128.
+  `import_structure_cache` answers it from a stored copy instead (`$XDG_CACHE_HOME/qload/import-structure`, one
+  file per transformers install, written by the first process that reads the files): valid while every file of
+  the tree has the same name, size and modification time as when it was stored, and transformers' own
+  `import_utils.py` too (the rule Python's own bytecode cache uses; ~12 ms of `stat`s). It is `marshal` data
+  (dicts, sets and strings: nothing in it can run). Later calls for the tree or a folder in it (each model
+  package's `__init__.py` asks for its own) come from the same copy. Anything unreadable, or a function that
+  transformers names or wraps otherwise, and transformers' own walk runs as before.
 - The cyclic garbage collector is paused while setup imports torch, transformers and the rest (~400k objects
   and no garbage worth a pass: its passes cost ~20% of the import time), and what was imported is then frozen
   (`gc.freeze`), so that later passes skip it. Reference counting still frees every tensor as before: only
@@ -40,9 +44,10 @@ the load is spawned as before. A sweep (`-m`) and any other command line with an
 from __future__ import annotations
 
 import atexit
-import functools
 import gc
+import hashlib
 import importlib.abc
+import marshal
 import os
 import resource
 import signal
@@ -50,6 +55,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 # a caller whose peak RSS is below this spawns the load directly (pipeline/isolate.py says why): well under the
@@ -108,20 +114,106 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return None
 
 
-def _whole_cache(module: Any) -> None:
+class _ImportStructure:
+    """transformers' `create_import_structure_from_path` (`fn`), each tree stored whole (see the module docstring)."""
+
+    def __init__(self, fn: Any, code: str) -> None:
+        self.fn, self.code = fn, code
+        self.trees: dict[str, dict] = {}  # folder -> the function's answer for it, this process
+        self.walking = False  # inside `fn`'s own walk, which calls the function again for each sub-folder
+
+    def __call__(self, module_path: str | os.PathLike) -> dict:
+        if self.walking:
+            return self.fn(module_path)
+        folder = os.path.abspath(module_path)  # transformers passes a str or a Path, a folder or a file in it
+        folder = os.path.dirname(folder) if os.path.isfile(folder) else folder
+        tree = self.within(folder)
+        if tree is None:
+            tree = self.trees[folder] = self.stored(folder)
+        return dict(tree)  # a fresh outer dict, as each call of the function returns
+
+    def within(self, folder: str) -> dict | None:
+        """The answer for `folder` out of a tree already read, if it lies in one (a folder's answer holds each of
+        its sub-folders' under the sub-folder's name)."""
+        for root, tree in self.trees.items():
+            rel = os.path.relpath(folder, root)
+            if rel == "." or not rel.startswith(".."):
+                for part in [] if rel == "." else rel.split(os.sep):
+                    tree = tree.get(part) if isinstance(tree, dict) else None
+                return tree if isinstance(tree, dict) else None
+        return None
+
+    def stored(self, folder: str) -> dict:
+        try:
+            key = _files_key([self.code], folder)
+        except OSError:  # a file gone or unreadable: transformers' walk says what
+            return self.walk(folder)
+        path = _cache_dir() / (hashlib.sha256(folder.encode()).hexdigest()[:16] + ".marshal")
+        try:
+            saved_key, tree = marshal.loads(path.read_bytes())
+            if saved_key == key and isinstance(tree, dict):
+                return tree
+        except (OSError, EOFError, ValueError, TypeError):
+            pass
+        tree = self.walk(folder)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            partial.write_bytes(marshal.dumps((key, tree)))
+            os.replace(partial, path)  # readers see the old file or the whole new one
+        except (OSError, ValueError):  # a read-only home, or something marshal cannot hold: just not stored
+            pass
+        return tree
+
+    def walk(self, folder: str) -> dict:
+        self.walking = True
+        try:
+            return self.fn(folder)
+        finally:
+            self.walking = False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qload" / "import-structure"
+
+
+def _files_key(files: list[str], folder: str) -> str:
+    """A hash of the name, size and modification time of `files` and of every file under `folder` (less
+    `__pycache__`), and of this Python's version (marshal's format)."""
+    lines = [f"{sys.version_info[:2]} {marshal.version}"]
+    lines += [f"{f} {os.stat(f).st_size} {os.stat(f).st_mtime_ns}" for f in files]
+
+    def walk(path: str) -> None:
+        with os.scandir(path) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if entry.name == "__pycache__":
+                    continue
+                if entry.is_dir():
+                    lines.append(f"{entry.name}/")
+                    walk(entry.path)
+                    lines.append("..")
+                else:
+                    stat = entry.stat()
+                    lines.append(f"{entry.name} {stat.st_size} {stat.st_mtime_ns}")
+
+    walk(folder)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _cache_import_structure(module: Any) -> None:
     fn = getattr(module, "create_import_structure_from_path", None)
     if fn is not None and hasattr(fn, "cache_info") and hasattr(fn, "__wrapped__"):
-        module.create_import_structure_from_path = functools.lru_cache(maxsize=None)(fn.__wrapped__)
+        module.create_import_structure_from_path = _ImportStructure(fn.__wrapped__, module.__file__)
 
 
 @contextmanager
-def whole_import_structure_cache() -> Iterator[None]:
-    """transformers' import-structure function with a cache for every model folder while transformers is first
+def import_structure_cache() -> Iterator[None]:
+    """transformers' import-structure function answered from its stored copy while transformers is first
     imported in the block (see the module docstring); nothing when it was imported before."""
     if IMPORT_UTILS in sys.modules:
         yield
         return
-    finder = _AfterImport(IMPORT_UTILS, _whole_cache)
+    finder = _AfterImport(IMPORT_UTILS, _cache_import_structure)
     sys.meta_path.insert(0, finder)
     try:
         yield

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from pipeline import startup
 from tests.helpers import REPO, cli_env, cli_with_maxrss, run_python, start_cli
 
 
@@ -111,31 +112,88 @@ IMPORT_TABLE = """
     import transformers.utils.import_utils as iu
     folder = os.path.join(os.path.dirname(transformers.__file__), "models")
     table = iu.define_import_structure(os.path.join(folder, "__init__.py"))
-    info = iu.create_import_structure_from_path.cache_info()
+    llama = iu.define_import_structure(os.path.join(folder, "llama", "__init__.py"))
     print(json.dumps({{
         "table": sorted((sorted(k), sorted((m, sorted(n)) for m, n in v.items())) for k, v in table.items()),
+        "llama": sorted((sorted(k), sorted((m, sorted(n)) for m, n in v.items())) for k, v in llama.items()),
         "cls": transformers.models.llama.LlamaForCausalLM.__name__,
-        "hits": info.hits, "maxsize": info.maxsize,
+        "cached": type(iu.create_import_structure_from_path).__name__,
     }}))
     {leave}
 """
+CACHED = "from pipeline import startup; cm = startup.import_structure_cache(); cm.__enter__()"
 
 
-def test_transformers_import_table_is_the_same_from_the_whole_cache():
-    """whole_import_structure_cache: transformers' own function, with room for every model folder, so its second
-    pass (transformers.models) is answered from the cache, with the very table transformers builds without it."""
+def test_transformers_import_table_is_the_same_stored_and_read_back(tmp_path, monkeypatch):
+    """import_structure_cache: the first process stores transformers' table, the next reads it back; both give
+    the very tables transformers builds without it, for the package and for a model package."""
     import json
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     plain = json.loads(run_python(IMPORT_TABLE.format(enter="", leave="")))
-    whole = json.loads(
-        run_python(
-            IMPORT_TABLE.format(
-                enter="from pipeline import startup; cm = startup.whole_import_structure_cache(); cm.__enter__()",
-                leave="cm.__exit__(None, None, None)",
-            )
-        )
-    )
-    assert whole["table"] == plain["table"] and len(plain["table"]) > 0
-    assert whole["cls"] == plain["cls"] == "LlamaForCausalLM"
-    assert plain["maxsize"] == 128 and whole["maxsize"] is None  # transformers' cache, and ours
-    assert whole["hits"] > 500 > plain["hits"]  # every model folder, read once
+    first = json.loads(run_python(IMPORT_TABLE.format(enter=CACHED, leave="cm.__exit__(None, None, None)")))
+    assert len(list((tmp_path / "qload" / "import-structure").glob("*.marshal"))) == 1
+    again = json.loads(run_python(IMPORT_TABLE.format(enter=CACHED, leave="cm.__exit__(None, None, None)")))
+    for cached in (first, again):
+        assert cached["table"] == plain["table"] and len(plain["table"]) > 0
+        assert cached["llama"] == plain["llama"] and len(plain["llama"]) > 0
+        assert cached["cls"] == plain["cls"] == "LlamaForCausalLM"
+        assert cached["cached"] == "_ImportStructure"
+    assert plain["cached"] == "_lru_cache_wrapper"
+
+
+@pytest.fixture
+def model_tree(tmp_path, monkeypatch):
+    """A small tree of model packages, transformers' own walk over it (counted), and a cache folder of its own."""
+    import transformers.utils.import_utils as iu
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "models"
+    for name, text in [
+        ("llama", "class LlamaModel: ...\n__all__ = ['LlamaModel']\n"),
+        ("gpt2", "__all__ = ['GPT2']\n"),
+    ]:
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text("")
+        (root / name / f"modeling_{name}.py").write_text(text)
+    (root / "__init__.py").write_text("")
+    plain = iu.create_import_structure_from_path.__wrapped__  # transformers' function, uncached
+    walked = []
+
+    def walk(path):
+        walked.append(os.path.basename(path))
+        return plain(path)
+
+    def cached():  # the function as a fresh process gets it
+        fn = startup._ImportStructure(walk, iu.__file__)
+        monkeypatch.setattr(iu, "create_import_structure_from_path", fn)  # what the walk calls for each sub-folder
+        return fn
+
+    return root, walked, cached, plain
+
+
+def test_a_stored_import_structure_is_read_back_until_a_file_changes(model_tree):
+    root, walked, cached, plain = model_tree
+    expected = plain(str(root))
+    assert cached()(root) == expected and sorted(walked) == ["gpt2", "llama", "models"]
+    walked.clear()
+    fn = cached()  # a new process: the tree is read back, not walked
+    assert fn(str(root / "__init__.py")) == expected and fn(root / "llama") == plain(str(root / "llama"))
+    assert walked == []
+    (root / "gpt2" / "modeling_gpt2.py").write_text("__all__ = ['GPT2', 'GPT2Model']\n")  # a file changed
+    assert cached()(root) == plain(str(root)) != expected
+    assert "models" in walked
+
+
+def test_an_unreadable_store_is_walked_again_and_an_unwritable_one_is_not_needed(model_tree, tmp_path, monkeypatch):
+    root, walked, cached, plain = model_tree
+    cached()(root)
+    (stored,) = (tmp_path / "cache" / "qload" / "import-structure").glob("*.marshal")
+    stored.write_bytes(b"not marshal data")
+    walked.clear()
+    assert cached()(root) == plain(str(root)) and "models" in walked
+    assert stored.read_bytes() != b"not marshal data"  # written again, whole
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # no folder can be made there
+    walked.clear()
+    assert cached()(root) == plain(str(root)) and "models" in walked
