@@ -422,6 +422,27 @@ def test_the_thread_dependent_cases_are_thread_dependent():
     assert differ >= 2
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 8])
+def test_serial_mean_has_the_bits_of_torchs_mean_at_each_thread_count(threads):
+    """serial_mean sums the ranges torch's threads would, on one thread (no OpenMP region): the same bits as
+    torch's own mean at that thread count, around the grain and the ranges' edges too."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        assert kernels._openmp() is not None  # torch's OpenMP runtime found: the serial path is what runs here
+    generator = torch.Generator().manual_seed(threads)
+    sizes = [1, 1000, 32767, 32768, 32769, 65536, 65537, 98305, 262144, 704512, 1_000_003]
+    before = with_threads(threads)
+    try:
+        for n in sizes:
+            for scale in (1e-3, 1.0, 37.0):
+                x = torch.rand(n, generator=generator) * scale
+                assert_same(kernels.serial_mean(x), x.mean())
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_invalid_arguments():
     A = torch.zeros(64, dtype=torch.float16)
     with pytest.raises(ValueError, match="'int4'.*nf4, fp4"):

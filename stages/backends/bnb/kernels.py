@@ -24,8 +24,11 @@ blocks (rows for int8) that ``threads()`` Python threads quantize side by side.
   ``compress_statistics``): bitsandbytes' native kernel makes a centred float32 copy first, then runs its
   OpenMP loop, whose scalar steps cost ~5-30 ms per Llama-7B MLP weight on 2 loaded cores, as much as the
   4-bit kernel itself. Ours reads the absmax and subtracts the offset as it goes (``quantize_blockwise``).
-  The offset itself stays torch's ``absmax.mean()``: its bits depend on torch's thread count and vector width
-  (cascade sums per thread, combined in float32), which only torch itself reproduces for sure.
+  The offset itself is torch's ``absmax.mean()``: its bits depend on torch's thread count and vector width
+  (cascade sums per thread, combined in float32), which only torch itself reproduces for sure. ``serial_mean``
+  has torch compute those same per-thread sums one after the other on the calling thread: a parallel region
+  there would leave torch's OpenMP threads spinning (~3 ms, libgomp's default) through the next weight's
+  kernel, on the cores its threads need (7B nf4_double on 2 cores: ~9% of the stream).
 
 Output bytes equal bitsandbytes', including ties on the bucket midpoints, zeros, -0.0, all-zero
 blocks, inf and the tail block.  Only NaN statistics differ in bits: ours are the canonical quiet
@@ -370,6 +373,53 @@ def _blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torc
             out.data_ptr() + start, absmax.data_ptr() + 4 * (start // blocksize),
         )  # fmt: skip
     return out, absmax
+
+
+# at::internal::GRAIN_SIZE: torch's reductions run on one thread below it, and split no finer above it
+_GRAIN = 32768
+
+
+@torch.no_grad()
+def serial_mean(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean()`` with the very bits torch gives at its thread count, with no OpenMP parallel region: torch's
+    reduction cuts the values into one range per thread (``at::parallel_for``: at most one per grain), sums
+    each, and adds the sums in thread order; here each range is summed by torch with OpenMP set to one thread,
+    on this thread alone (``omp_set_num_threads`` is per thread), the sums added in the same order. Where
+    torch's OpenMP runtime is not found, or the tensor is not a contiguous float32 one, ``x.mean()``."""
+    threads = torch.get_num_threads()
+    parts = min(threads, -(-x.numel() // _GRAIN))
+    omp = _openmp()
+    if parts <= 1 or omp is None or x.dtype != torch.float32 or not x.is_contiguous():
+        return x.mean()
+    flat, n = x.view(-1), x.numel()
+    omp.omp_set_num_threads(1)
+    try:
+        if torch.get_num_threads() != 1:  # not the OpenMP runtime torch runs on
+            return x.mean()
+        size = -(-n // parts)
+        total = flat[:size].sum()
+        for start in range(size, n, size):
+            total = total + flat[start : start + size].sum()
+        return total / n
+    finally:
+        omp.omp_set_num_threads(threads)
+
+
+@cache
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime loaded in this process (torch's: libgomp, or Intel's or LLVM's), if exactly one is."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(None, 5)[-1].strip() for line in maps if ".so" in line}
+    except OSError:  # not Linux
+        return None
+    found = {p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp5", "libomp"))}
+    if len(found) != 1:
+        return None
+    try:
+        return ctypes.CDLL(found.pop())  # already loaded: the same library, not a second copy
+    except OSError:
+        return None
 
 
 @cache

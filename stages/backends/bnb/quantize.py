@@ -54,9 +54,9 @@ def _params4bit(module, placeholder: bnb.nn.Params4bit, w: torch.Tensor) -> bnb.
     code = get_4bit_type(placeholder.quant_type, device=w.device)
     common = dict(shape=w.shape, dtype=w.dtype, blocksize=placeholder.blocksize, code=code)
     if placeholder.compress_statistics:
-        # bitsandbytes: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256). The mean stays
-        # torch's (its bits follow torch's thread count); the rest is our kernel, same bytes, no centred copy.
-        offset = absmax.mean()
+        # bitsandbytes: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256). The mean is
+        # torch's, its bits too, with no parallel region; the rest is our kernel, same bytes, no centred copy.
+        offset = kernels.serial_mean(absmax)
         qabsmax, state2 = _quantize_statistics(absmax, offset)
         state = QuantState(absmax=qabsmax, quant_type=placeholder.quant_type, offset=offset, state2=state2, **common)
     else:
