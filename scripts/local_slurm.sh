@@ -62,7 +62,7 @@ SlurmdLogFile=$LOGS/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=task=2
+JobAcctGatherFrequency=task=1
 JobAcctGatherParams=OverMemoryKill
 # memory is a consumable resource, so that --mem is a limit Slurm enforces
 SelectType=select/cons_tres
