@@ -33,7 +33,10 @@ reference reads a local folder and compiles nothing);
 cache, no Hugging Face cache); the checkpoint still comes from `--cache`, except in the default case, which
 runs `python -m pipeline` with no flags at all and so builds its tiny checkpoint in the fresh HOME, as a first
 run does. Prints the medians, the ratios ours / reference, the memory bound, and the physical references:
-how fast this machine copies the checkpoint out of the page cache, and how fast bitsandbytes quantizes.
+how fast this machine copies the checkpoint out of the page cache, how fast bitsandbytes quantizes, and (warm)
+the start-up floor: a fresh process that imports what our load process imports (torch, transformers, the
+backend's library, the model class, with the same start-up steps) and exits, loading nothing. Whatever loads
+with transformers in its own process takes at least that, so floor / reference bounds the whole ratio from below.
 """
 
 from __future__ import annotations
@@ -62,6 +65,18 @@ TIMED = (
 )
 # variables that would point a cold run at the user's warm caches
 CACHE_VARS = ("QLOAD_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME")
+# The start-up floor: a fresh process importing what every load of a model and backend imports, with the steps
+# our load process takes (pipeline/startup.py's, and compile_on_first_call around the backend's library), and
+# exiting at once; argv: backend, library, model class
+FLOOR = (
+    "import importlib, sys; from pipeline import startup; startup.hide_unused(sys.argv[1])\n"
+    "with startup.imports_uncollected(), startup.import_structure_cache():\n"
+    "    import torch, transformers; from pipeline.core.lazy_compile import compile_on_first_call\n"
+    "    with compile_on_first_call(): sys.argv[2] and importlib.import_module(sys.argv[2])\n"
+    "    getattr(transformers, sys.argv[3])\n"
+    "startup.exit_without_teardown(0)"
+)
+LIBRARY = {"bnb": "bitsandbytes", "torchao": "torchao", "quanto": "optimum.quanto", "hqq": "hqq", "none": ""}
 PROMPT = "Hi"  # the forward pass's input: its UTF-8 bytes as token ids, as pipeline/quality/generate.py does
 
 
@@ -262,6 +277,21 @@ def quantize_rate(quant: str) -> float | None:
     return w.numel() * 2 / (time.perf_counter() - t0) / 1e9
 
 
+def start_up_floor(case: Case, env: dict[str, str], workdir: Path, runs: int = 3) -> float:
+    """Median wall time (s) of FLOOR for the case's model and backend: no load, no config, no record. Any loader
+    that imports transformers in its own process (ours, the reference) takes at least this before it reads a
+    byte; the rest of a whole command is the load itself."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from pipeline import compose
+
+    cfg = compose([f"model={case.model}", f"quant={case.quant}"])
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model.architecture.model_type]
+    backend = cfg.quant.backend.value
+    args = [sys.executable, "-c", FLOOR, backend, LIBRARY.get(backend, ""), cls]
+    return statistics.median(timed(args, env, REPO, workdir)[0] for _ in range(runs))
+
+
 def bench(name: str, case: Case, mode: str, pairs: int, cache: str, extra: list[str], tmp: Path) -> dict:
     """`pairs` alternating runs of ours and the reference (after one untimed run of ours when warm); medians."""
     from pipeline import compose
@@ -290,7 +320,8 @@ def bench(name: str, case: Case, mode: str, pairs: int, cache: str, extra: list[
         k: {m: statistics.median(r[m] for r in v) if v[0][m] is not None else None for m in v[0]}
         for k, v in rows.items()
     }
-    return {"case": name, "mode": mode, "ckpt": ckpt, **med}
+    floor = start_up_floor(case, environment(False, tmp), tmp) if mode == "warm" else None
+    return {"case": name, "mode": mode, "ckpt": ckpt, "floor": floor, **med}
 
 
 def report(results: list[dict], pairs: int) -> None:
@@ -361,6 +392,15 @@ def report(results: list[dict], pairs: int) -> None:
             )
         if abs(o["footprint"] - t["footprint"]) > 0.01 * t["footprint"]:
             print(f"  warning: footprints differ: ours {o['footprint']} vs from_pretrained {t['footprint']}")
+    for r in results:
+        if r["floor"] is not None:
+            theirs = r["from_pretrained"]["whole_s"]
+            print(
+                f"{r['case']} {r['mode']}: start-up floor {r['floor']:.2f} s (a fresh process importing torch, "
+                f"transformers, the backend and the model class, as our load process does, then exiting) = "
+                f"{r['floor'] / theirs:.3f} of from_pretrained's whole command; ours adds "
+                f"{r['ours']['whole_s'] - r['floor']:.2f} s to it"
+            )
     by = {(r["case"], r["mode"]): r["ours"]["whole_s"] for r in results}
     for case in dict.fromkeys(r["case"] for r in results):
         if (case, "warm") in by and (case, "cold") in by:
