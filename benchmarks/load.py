@@ -67,7 +67,7 @@ TIMED = (
 CACHE_VARS = ("QLOAD_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME")
 # The start-up floor: a fresh process importing what every load of a model and backend imports, with the steps
 # our load process takes (pipeline/startup.py's, and compile_on_first_call around the backend's library), and
-# exiting at once; argv: backend, library, model class
+# exiting at once; argv: what to hide (startup.load_backend), library, model class
 FLOOR = (
     "import importlib, sys; from pipeline import startup; startup.hide_unused(sys.argv[1])\n"
     "with startup.imports_uncollected(), startup.import_structure_cache():\n"
@@ -283,12 +283,12 @@ def start_up_floor(case: Case, env: dict[str, str], workdir: Path, runs: int = 3
     byte; the rest of a whole command is the load itself."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from pipeline import compose
+    from pipeline import compose, startup
 
-    cfg = compose([f"model={case.model}", f"quant={case.quant}"])
+    cfg = compose([f"model={case.model}", "model.source=synthetic", f"quant={case.quant}"])
     cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model.architecture.model_type]
-    backend = cfg.quant.backend.value
-    args = [sys.executable, "-c", FLOOR, backend, LIBRARY.get(backend, ""), cls]
+    library = LIBRARY.get(cfg.quant.backend.value, "")
+    args = [sys.executable, "-c", FLOOR, startup.load_backend(cfg), library, cls]
     return statistics.median(timed(args, env, REPO, workdir)[0] for _ in range(runs))
 
 
@@ -368,8 +368,8 @@ def report(results: list[dict], pairs: int) -> None:
             cell(o["peak"] / 1e9),
             cell(t["peak"] / 1e9),
             cell(o["peak"] / t["peak"], 3),
-            cell(o["anon"] / 1e9),
-            cell(t["anon"] / 1e9),
+            cell(o["anon"] / 1e9, 3),
+            cell(t["anon"] / 1e9, 3),
         ]
         if gpu:
             row += [cell((o["gpu_peak"] or 0) / 1e9), cell((t["gpu_peak"] or 0) / 1e9)]

@@ -138,7 +138,7 @@ def setup(cfg: DictConfig, plan: bool, built: dict[str, Any], fresh_process: boo
     hidden: list[str] = []
     with startup.imports_uncollected() if fresh_process else nullcontext():
         if fresh_process:
-            hidden = startup.hide_unused(str(getattr(cfg.quant.backend, "value", cfg.quant.backend)))
+            hidden = startup.hide_unused(startup.load_backend(cfg))
         with startup.import_structure_cache() if fresh_process else nullcontext():
             from pipeline.plan.step import PLAN_KINDS, Plan
 

@@ -9,6 +9,7 @@ never in a caller's process (`pipeline.load()` without `isolate`).
   installed: on the 2-core machine ~0.6 s of CPU for torchao and ~1 s for hqq. A `None` in `sys.modules` is
   Python's own "not importable": `importlib.util.find_spec` answers None, so transformers' `is_*_available()`
   says False, and anything that still imported one would fail loudly (ImportError), never silently differ.
+  With quant=none the checkpoint's own config.json decides (`load_backend`): an unquantized one needs neither.
   Package versions in the record come from the installed metadata, which this does not touch.
 - transformers' table of what its ~560 model packages export is read from the model files (~1700 of them), by
   `create_import_structure_from_path` (transformers/utils/import_utils.py), a pure function of the files' names
@@ -47,6 +48,7 @@ import atexit
 import gc
 import hashlib
 import importlib.abc
+import json
 import marshal
 import os
 import resource
@@ -63,14 +65,18 @@ from typing import Any, NamedTuple, NoReturn
 DIRECT_BELOW_MB = 150.0
 EARLY_IMPORTS = ("torch",)  # what every load's setup imports first, whatever its config: see start_early
 
-# quant.backend of the load -> the libraries transformers would import at its own import that this load does
-# not use. quant=none hides nothing (a checkpoint saved quantized may need any of them), nor does hqq, whose own
-# modules use torchao where it is installed; a backend not listed here hides nothing either.
+# the backend of the load (`load_backend`) -> the libraries transformers would import at its own import that
+# this load does not use. hqq hides nothing, since its own modules use torchao where it is installed; a backend
+# not listed here hides nothing either, nor does quant=none of a checkpoint whose saved method is unknown here.
 UNUSED = {
     "bnb": ("torchao", "hqq"),
     "quanto": ("torchao", "hqq"),
     "torchao": ("hqq",),
+    "unquantized": ("torchao", "hqq"),  # quant=none of a checkpoint saved without quantization_config
 }
+# a saved quantization_config's quant_method (its start) -> our backend that reads it (the backends' own
+# `saved_methods`; tests/test_startup.py checks that they agree): a quant=none load of it uses that backend
+SAVED = {"bitsandbytes": "bnb", "torchao": "torchao", "quanto": "quanto", "hqq": "hqq"}
 
 
 def hide_unused(backend: str) -> list[str]:
@@ -82,6 +88,38 @@ def hide_unused(backend: str) -> list[str]:
             sys.modules[name] = None  # type: ignore[assignment]
             hidden.append(name)
     return hidden
+
+
+def load_backend(cfg: Any) -> str:
+    """UNUSED's key for this load: `quant.backend`, or with quant=none the backend of what the checkpoint saved:
+    "unquantized" where its config.json has no quantization_config, "none" (hide nothing) where it is another
+    method's, or the checkpoint is not on this machine yet, or it cannot be read (config_merge then says why).
+    Reads one config.json at most, and imports nothing that imports transformers."""
+    backend = str(getattr(cfg.quant.backend, "value", cfg.quant.backend))
+    if backend != "none":
+        return backend
+    model = cfg.model
+    if not model.path and str(getattr(model.source, "value", model.source)) in ("synthetic", "package"):
+        # written by pipeline/checkpoints from the architecture (a dense GGUF conversion for package): no
+        # quantization_config unless the architecture itself names one
+        return "none" if "quantization_config" in (model.get("architecture") or {}) else "unquantized"
+    try:
+        if model.path:
+            config = Path(model.path).expanduser() / "config.json"
+        else:
+            from huggingface_hub import try_to_load_from_cache  # the local hub cache only, never the network
+
+            found = try_to_load_from_cache(model.hub_id, "config.json", revision=model.get("revision"))
+            if not isinstance(found, str):
+                return "none"
+            config = Path(found)
+        saved = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return "none"
+    if saved is None:
+        return "unquantized"
+    method = str(saved.get("quant_method", "")) if isinstance(saved, dict) else ""
+    return next((ours for prefix, ours in SAVED.items() if method.startswith(prefix)), "none")
 
 
 IMPORT_UTILS = "transformers.utils.import_utils"

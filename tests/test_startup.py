@@ -197,3 +197,76 @@ def test_an_unreadable_store_is_walked_again_and_an_unwritable_one_is_not_needed
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # no folder can be made there
     walked.clear()
     assert cached()(root) == plain(str(root)) and "models" in walked
+
+
+# ---- which libraries a load hides (startup.load_backend) ----
+
+
+def _folder(tmp_path, name: str, config: str | None) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    return str(folder)
+
+
+def test_a_quant_none_load_hides_what_its_checkpoints_saved_config_does_not_use(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pipeline import compose
+
+    def backend(*overrides: str) -> str:
+        return startup.load_backend(compose(list(overrides)))
+
+    assert backend("quant=nf4") == "bnb" and backend("quant=torchao/int8_weight_only") == "torchao"
+    assert backend("quant=none") == "unquantized"  # tiny_llama: a synthetic checkpoint, written unquantized
+    saved = {
+        '{"model_type": "llama"}': "unquantized",
+        '{"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true}}': "bnb",
+        '{"quantization_config": {"quant_method": "torchao"}}': "torchao",
+        '{"quantization_config": {"quant_method": "hqq"}}': "hqq",
+        '{"quantization_config": {"quant_method": "quanto", "weights": "qint8"}}': "quanto",
+        '{"quantization_config": {"quant_method": "gptq"}}': "none",  # not ours: hide nothing
+        '{"quantization_config": ["not", "a", "dict"]}': "none",
+        "{not json": "none",
+        None: "none",  # no config.json: config_merge says so, with everything importable
+    }
+    for i, (config, expected) in enumerate(saved.items()):
+        path = _folder(tmp_path, f"ck{i}", config)
+        assert backend("quant=none", f"model.path={path}") == expected, config
+    # a hub model: its config.json in the local hub cache, or nothing hidden while it is not there
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert backend("quant=none", "model=tinyllama_1_1b") == "none"
+    repo = tmp_path / "hub" / "models--TinyLlama--TinyLlama-1.1B-intermediate-step-1431k-3T"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text('{"model_type": "llama"}')
+    assert backend("quant=none", "model=tinyllama_1_1b") == "unquantized"
+    (repo / "snapshots" / "abc123" / "config.json").write_text('{"quantization_config": {"quant_method": "hqq"}}')
+    assert backend("quant=none", "model=tinyllama_1_1b") == "hqq"
+
+
+def test_the_saved_methods_startup_knows_are_the_backends_own():
+    from stages import backends
+
+    ours = {method: name for name, cls in backends.BACKENDS.items() for method in cls.saved_methods}
+    assert startup.SAVED == ours
+
+
+def test_an_isolated_quant_none_load_imports_only_what_its_checkpoint_needs(tmp_path, cache_dir):
+    """In the load's own process: an unquantized checkpoint loads with torchao and hqq hidden; one saved by
+    torchao loads as saved, with torchao importable and hqq hidden."""
+    from pipeline import load
+    from tests.families import save
+
+    _, record = load([f"cache_dir={cache_dir}", "quant=none"], tmp_path / "plain", isolate=True)
+    assert record["status"] == "ok" and record["stages"][0]["facts"]["hidden_libraries"] == ["torchao", "hqq"]
+    model, _ = load(
+        [f"model.path={save('llama', tmp_path / 'ck')}", "quant=torchao/int8_weight_only"], tmp_path / "quantize"
+    )
+    model.save_pretrained(tmp_path / "saved")
+    _, record = load([f"model.path={tmp_path / 'saved'}", "quant=none"], tmp_path / "as-saved", isolate=True)
+    assert record["status"] == "ok" and record["stages"][0]["facts"]["hidden_libraries"] == ["hqq"]
+    merge = next(s for s in record["stages"] if s["stage"] == "config_merge")
+    assert merge["facts"]["backend"] == "torchao"
